@@ -1,0 +1,27 @@
+import { connect } from 'node:net';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
+import { fileURLToPath } from 'node:url';
+
+const run = promisify(execFile);
+const BROKERS_SCRIPT = fileURLToPath(new URL('../../scripts/brokers.sh', import.meta.url));
+
+/** Why a broker server cannot be reached at host:port, or undefined when it answers. */
+export function unreachable(name: string, host: string, port: number, timeoutMs = 1500): Promise<string | undefined> {
+  return new Promise((resolve) => {
+    const socket = connect({ host, port });
+    const done = (why: string | undefined) => {
+      socket.destroy();
+      resolve(why);
+    };
+    socket.setTimeout(timeoutMs, () => done(`${name} did not answer on ${host}:${port} within ${timeoutMs} ms`));
+    socket.once('connect', () => done(undefined));
+    socket.once('error', (err) => done(`${name} is not reachable on ${host}:${port} (${(err as NodeJS.ErrnoException).code ?? err.message})`));
+  });
+}
+
+/** Restarts one test broker through scripts/brokers.sh (used by the reconnect conformance test). */
+export async function restartBroker(name: string): Promise<void> {
+  await run('bash', [BROKERS_SCRIPT, 'down', name], { timeout: 120_000 });
+  await run('bash', [BROKERS_SCRIPT, 'up', name], { timeout: 180_000 });
+}
