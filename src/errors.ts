@@ -39,12 +39,15 @@ const STATUS: Record<ErrorCode, number> = {
 export class RelayError extends Error {
   readonly code: ErrorCode;
   readonly topic: string | undefined;
+  /** For `events-lost`: how many events, where known. */
+  readonly count: number | undefined;
 
-  constructor(code: ErrorCode, message: string, options?: { topic?: string; cause?: unknown }) {
+  constructor(code: ErrorCode, message: string, options?: { topic?: string; count?: number; cause?: unknown }) {
     super(message, options?.cause === undefined ? undefined : { cause: options.cause });
     this.name = 'RelayError';
     this.code = code;
     this.topic = options?.topic;
+    this.count = options?.count;
   }
 
   get status(): number {
@@ -52,9 +55,10 @@ export class RelayError extends Error {
   }
 
   /** The `{"error":{…}}` body of PROTOCOL.md. */
-  toJSON(): { error: { code: ErrorCode; message: string; topic?: string } } {
-    const error: { code: ErrorCode; message: string; topic?: string } = { code: this.code, message: this.message };
+  toJSON(): { error: { code: ErrorCode; message: string; topic?: string; count?: number } } {
+    const error: { code: ErrorCode; message: string; topic?: string; count?: number } = { code: this.code, message: this.message };
     if (this.topic !== undefined) error.topic = this.topic;
+    if (this.count !== undefined) error.count = this.count;
     return { error };
   }
 }

@@ -1,0 +1,178 @@
+import { RelayError } from './errors.ts';
+import { Fifo } from './fifo.ts';
+import type { RelayMessage } from './frames.ts';
+
+export interface OutboxLimits {
+  /** Messages waiting for a slow reader before the oldest is dropped. */
+  maxMessages: number;
+  /** Bytes waiting for a slow reader before the oldest is dropped. */
+  maxBytes: number;
+  /** What to do when a reader falls that far behind: drop its oldest messages, or close it (it then resumes from history). */
+  onOverflow: 'drop-oldest' | 'close';
+}
+
+/** Delivery counters, shared by all connections of a relay. */
+export interface ConnectionStats {
+  delivered: number;
+  dropped: number;
+}
+
+/** What a connection says first: the session it serves (the config event of PROTOCOL.md 2.1). */
+export interface ConfigPayload {
+  session_id: string;
+  subscriptions: string[];
+  resumed: boolean;
+  heartbeat_ms: number;
+  session_ttl_ms: number;
+}
+
+type Pending = RelayMessage | RelayError;
+
+// One flush per event-loop turn for every connection that got something: frames published
+// in the same turn leave in one write per socket.
+let dirty: QueuedConnection[] = [];
+let flushScheduled = false;
+
+function scheduleFlush(connection: QueuedConnection): void {
+  dirty.push(connection);
+  if (!flushScheduled) {
+    flushScheduled = true;
+    setImmediate(flushDirty);
+  }
+}
+
+function flushDirty(): void {
+  flushScheduled = false;
+  const batch = dirty;
+  dirty = [];
+  const now = Date.now();
+  for (const connection of batch) connection.flush(now);
+}
+
+/**
+ * A client connection with a bounded outbox: messages queue while the socket is saturated,
+ * and a reader that stops reading loses its own oldest messages (or its connection), never
+ * anyone else's. Transports implement how a batch is written.
+ */
+export abstract class QueuedConnection {
+  abstract readonly transport: string;
+  private readonly stats: ConnectionStats;
+  /** When messages were last written (ms), so heartbeats go only to quiet connections. */
+  lastWriteAt = Date.now();
+  protected closed = false;
+  private readonly queue = new Fifo<Pending>();
+  private queuedBytes = 0;
+  private lost = 0;
+  private writable = true;
+  private isDirty = false;
+  private readonly limits: OutboxLimits;
+  /** Called once when the connection ends, whoever ended it. */
+  onClose: (() => void) | undefined;
+  /** Called when messages are dropped for this reader. */
+  onDrop: ((count: number) => void) | undefined;
+
+  constructor(limits: OutboxLimits, stats: ConnectionStats) {
+    this.limits = limits;
+    this.stats = stats;
+  }
+
+  get isClosed(): boolean {
+    return this.closed;
+  }
+
+  /** Queues a message for this client. */
+  send(message: RelayMessage): void {
+    if (this.closed) return;
+    if (this.queue.length >= this.limits.maxMessages || this.queuedBytes + message.byteLength > this.limits.maxBytes) {
+      if (this.limits.onOverflow === 'close') {
+        this.lose(1);
+        this.close();
+        return;
+      }
+      while (this.queue.length > 0 && (this.queue.length >= this.limits.maxMessages || this.queuedBytes + message.byteLength > this.limits.maxBytes)) {
+        const old = this.queue.shift()!;
+        if (!(old instanceof RelayError)) {
+          this.queuedBytes -= old.byteLength;
+          this.lose(1);
+        }
+      }
+    }
+    this.queue.push(message);
+    this.queuedBytes += message.byteLength;
+    this.markDirty();
+  }
+
+  /** Queues an error event (subscription-failure, events-lost, …) in order with messages. */
+  sendError(error: RelayError): void {
+    if (this.closed) return;
+    this.queue.push(error);
+    this.markDirty();
+  }
+
+  /** Records messages this client will never get, reported as one `events-lost` before the next write. */
+  lose(count: number): void {
+    this.lost += count;
+    this.stats.dropped += count;
+    this.onDrop?.(count);
+  }
+
+  /** Writes what is queued, as far as the transport accepts it. */
+  flush(now = Date.now()): void {
+    this.isDirty = false;
+    if (this.closed || !this.writable) return;
+    if (this.queue.length === 0 && this.lost === 0) return;
+    const lost = this.lost;
+    this.lost = 0;
+    const items = this.queue.drain();
+    this.queuedBytes = 0;
+    let delivered = 0;
+    for (const item of items) if (!(item instanceof RelayError)) delivered++;
+    this.stats.delivered += delivered;
+    this.lastWriteAt = now;
+    this.writable = this.writeBatch(items, lost);
+  }
+
+  /** The transport calls this when a saturated socket can take more. */
+  protected drained(): void {
+    this.writable = true;
+    if (this.queue.length > 0 || this.lost > 0) this.markDirty();
+  }
+
+  /** Ends the connection cleanly (the client may reconnect and resume). */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.queue.clear();
+    this.queuedBytes = 0;
+    this.end();
+    this.onClose?.();
+  }
+
+  /** The transport calls this when the client went away. */
+  protected gone(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.queue.clear();
+    this.queuedBytes = 0;
+    this.onClose?.();
+  }
+
+  /** Sends the config event; called once, before any message. `id` is the resume position. */
+  abstract open(config: ConfigPayload, id: string, retryMs: number): void;
+  /** Writes a keep-alive if the transport needs one. */
+  abstract heartbeat(): void;
+  /** Writes queued items (oldest first), preceded by an events-lost report when `lost` > 0. Returns false when saturated. */
+  protected abstract writeBatch(items: Pending[], lost: number): boolean;
+  /** Ends the underlying stream. */
+  protected abstract end(): void;
+
+  private markDirty(): void {
+    if (this.isDirty || !this.writable) return;
+    this.isDirty = true;
+    scheduleFlush(this);
+  }
+}
+
+export function eventsLostError(count: number): RelayError {
+  return new RelayError('events-lost', `${count} event${count === 1 ? ' was' : 's were'} dropped because this client read too slowly`, { count });
+}

@@ -1,0 +1,172 @@
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { Registry } from 'prom-client';
+import { RelayError, toRelayError } from '../errors.ts';
+import type { RelayCore } from '../relay.ts';
+import { SseConnection, type ByteSink } from '../sse.ts';
+import { METHODS, SSE_HEADERS, JSON_TYPE, checkPublishAllowed, corsHeaders, endpointFor, parseUpdateBody, tooLarge } from './shared.ts';
+
+export type NodeHandler = (req: IncomingMessage, res: ServerResponse) => Promise<void>;
+export type NodeMiddleware = (req: IncomingMessage, res: ServerResponse, next?: (err?: unknown) => void) => Promise<void>;
+
+export interface NodeHandlers {
+  /** Every endpoint by path; calls `next` (Express / Connect style) or answers 404 for other paths. */
+  handler: NodeMiddleware;
+  events: NodeHandler;
+  update: NodeHandler;
+  publish: NodeHandler;
+}
+
+/** node:http request handlers; also fit Express, Connect and Fastify's raw request/response. */
+export function createNodeHandlers(core: RelayCore, metrics: Registry): NodeHandlers {
+  const cors = (req: IncomingMessage, preflight = false) => corsHeaders(req.headers.origin, core.options.cors, preflight);
+
+  const events: NodeHandler = async (req, res) => {
+    const url = new URL(req.url ?? '/', 'http://relay');
+    const lastEventId = header(req, 'last-event-id') ?? url.searchParams.get('last_event_id');
+    try {
+      await core.openStream(
+        { topics: url.searchParams.get('topics'), sessionId: url.searchParams.get('session_id'), lastEventId },
+        (session) => {
+          res.writeHead(200, { ...SSE_HEADERS, ...cors(req) });
+          req.socket.setNoDelay(true);
+          req.socket.setKeepAlive(true);
+          const connection = new SseConnection(responseSink(res), session.idPrefix, core.options.outbox, core.deliveries);
+          const { drained, gone } = connection.events;
+          res.on('drain', drained);
+          res.once('close', gone);
+          if (res.destroyed || req.socket.destroyed) gone();
+          return connection;
+        },
+      );
+    } catch (err) {
+      sendError(res, toRelayError(err), cors(req));
+    }
+  };
+
+  const update: NodeHandler = async (req, res) => {
+    try {
+      const body = await readBody(req, core.options.maxBodyBytes);
+      const result = await core.updateSubscriptions(parseUpdateBody(header(req, 'content-type'), body));
+      sendJson(res, 200, result, cors(req));
+    } catch (err) {
+      sendError(res, toRelayError(err), cors(req));
+    }
+  };
+
+  const publish: NodeHandler = async (req, res) => {
+    try {
+      checkPublishAllowed(core.options.publish, header(req, 'authorization'));
+      const topic = new URL(req.url ?? '/', 'http://relay').searchParams.get('topic');
+      const body = await readBody(req, core.options.maxBodyBytes);
+      await core.publish(topic ?? '', Buffer.isBuffer(body) ? body : Buffer.from(typeof body === 'string' ? body : JSON.stringify(body)));
+      res.writeHead(204, cors(req)).end();
+    } catch (err) {
+      sendError(res, toRelayError(err), cors(req));
+    }
+  };
+
+  const handler: NodeMiddleware = async (req, res, next) => {
+    const { pathname } = new URL(req.url ?? '/', 'http://relay');
+    const endpoint = endpointFor(pathname, core.options.paths);
+    if (endpoint === undefined) {
+      if (next) return next();
+      return sendError(res, new RelayError('not-found', `no endpoint at ${pathname}`), cors(req));
+    }
+    const method = req.method ?? 'GET';
+    if (method === 'OPTIONS') {
+      res.writeHead(204, { ...cors(req, true), allow: [...METHODS[endpoint], 'OPTIONS'].join(', ') }).end();
+      return;
+    }
+    if (!METHODS[endpoint].includes(method)) {
+      res.setHeader('allow', METHODS[endpoint].join(', '));
+      return sendError(res, new RelayError('method-not-allowed', `${pathname} does not answer ${method}`), cors(req));
+    }
+    switch (endpoint) {
+      case 'events':
+        return events(req, res);
+      case 'update':
+        return update(req, res);
+      case 'publish':
+        return publish(req, res);
+      case 'health':
+        return sendJson(res, 200, { status: 'ok' }, cors(req));
+      case 'ready': {
+        const ready = core.isReady();
+        return sendJson(res, ready ? 200 : 503, { status: ready ? 'ready' : 'unavailable', broker_connected: core.broker.isConnected(), draining: core.isClosing }, cors(req));
+      }
+      case 'metrics': {
+        const text = await metrics.metrics();
+        res.writeHead(200, { 'content-type': metrics.contentType, ...cors(req) }).end(text);
+        return;
+      }
+    }
+  };
+
+  return { handler, events, update, publish };
+}
+
+/** Writes a batch in one corked write, so a tick's frames leave a socket together. */
+function responseSink(res: ServerResponse): ByteSink {
+  return {
+    write(chunks) {
+      if (res.destroyed) return false;
+      let ok = true;
+      res.cork();
+      for (const chunk of chunks) ok = res.write(chunk);
+      res.uncork();
+      return ok;
+    },
+    end() {
+      if (!res.destroyed) res.end();
+    },
+  };
+}
+
+function header(req: IncomingMessage, name: string): string | undefined {
+  const value = req.headers[name];
+  return Array.isArray(value) ? value[0] : value;
+}
+
+/**
+ * Reads the request body up to `limit` bytes. A body that a framework already parsed
+ * (Express's json() or urlencoded(), say) is taken as it is.
+ */
+async function readBody(req: IncomingMessage, limit: number): Promise<Buffer | unknown> {
+  const parsed = (req as { body?: unknown }).body;
+  if (parsed !== undefined && (req.readableEnded || req.complete)) {
+    if (typeof parsed === 'string') return Buffer.from(parsed);
+    if (isForm(req) && typeof parsed === 'object' && parsed !== null && !Buffer.isBuffer(parsed)) {
+      return Buffer.from(new URLSearchParams(parsed as Record<string, string>).toString());
+    }
+    return parsed;
+  }
+  const declared = Number(header(req, 'content-length'));
+  if (Number.isFinite(declared) && declared > limit) throw tooLarge(limit);
+  const chunks: Buffer[] = [];
+  let size = 0;
+  for await (const chunk of req as AsyncIterable<Buffer>) {
+    size += chunk.length;
+    if (size > limit) throw tooLarge(limit);
+    chunks.push(chunk);
+  }
+  return Buffer.concat(chunks, size);
+}
+
+function isForm(req: IncomingMessage): boolean {
+  return (header(req, 'content-type') ?? '').toLowerCase().startsWith('application/x-www-form-urlencoded');
+}
+
+function sendJson(res: ServerResponse, status: number, body: unknown, headers: Record<string, string>): void {
+  if (res.headersSent) return;
+  res.writeHead(status, { 'content-type': JSON_TYPE, ...headers }).end(JSON.stringify(body));
+}
+
+function sendError(res: ServerResponse, error: RelayError, headers: Record<string, string>): void {
+  if (res.headersSent) {
+    res.destroy();
+    return;
+  }
+  // A body we did not read (too large) is not worth draining: close the connection after answering.
+  const extra: Record<string, string> = error.code === 'too-large' ? { connection: 'close' } : {};
+  sendJson(res, error.status, error.toJSON(), { ...headers, ...extra });
+}

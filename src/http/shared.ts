@@ -1,0 +1,118 @@
+import { timingSafeEqual } from 'node:crypto';
+import { RelayError } from '../errors.ts';
+import type { CorsOptions, RelayPaths } from '../options.ts';
+import type { UpdateRequest } from '../relay.ts';
+import { assertTopicArray, parseTopicList } from '../topics.ts';
+
+/** Request handling shared by the node:http and fetch adapters. */
+
+export type Endpoint = keyof RelayPaths;
+
+export function endpointFor(pathname: string, paths: RelayPaths): Endpoint | undefined {
+  for (const key of Object.keys(paths) as Endpoint[]) if (paths[key] === pathname) return key;
+  return undefined;
+}
+
+/** Which methods each endpoint answers. */
+export const METHODS: Record<Endpoint, string[]> = {
+  events: ['GET'],
+  update: ['POST'],
+  publish: ['POST'],
+  health: ['GET', 'HEAD'],
+  ready: ['GET', 'HEAD'],
+  metrics: ['GET'],
+};
+
+export const SSE_HEADERS: Record<string, string> = {
+  'content-type': 'text/event-stream; charset=utf-8',
+  'cache-control': 'no-cache, no-transform',
+  'x-accel-buffering': 'no',
+};
+
+export const JSON_TYPE = 'application/json; charset=utf-8';
+
+/** CORS response headers for a request from `origin`, or none when it is not allowed. */
+export function corsHeaders(origin: string | undefined, cors: CorsOptions | false, preflight: boolean): Record<string, string> {
+  if (cors === false || origin === undefined) return {};
+  const headers: Record<string, string> = {};
+  if (cors.origins === '*') {
+    headers['access-control-allow-origin'] = '*';
+  } else if (cors.origins.includes(origin)) {
+    headers['access-control-allow-origin'] = origin;
+    headers.vary = 'Origin';
+  } else {
+    return {};
+  }
+  if (preflight) {
+    headers['access-control-allow-methods'] = 'GET, POST, OPTIONS';
+    headers['access-control-allow-headers'] = 'Content-Type, Last-Event-ID, Authorization';
+    headers['access-control-max-age'] = '600';
+  }
+  return headers;
+}
+
+function mediaType(contentType: string | undefined | null): string {
+  return (contentType ?? '').split(';')[0]!.trim().toLowerCase();
+}
+
+/**
+ * Parses an update_subscriptions body: gochan's JSON shape, or the form shape of Twitter's live
+ * pipeline. JSON sent as text/plain (what `fetch` sends for a string body) is JSON too.
+ */
+export function parseUpdateBody(contentType: string | undefined | null, body: Buffer | unknown): UpdateRequest {
+  const type = mediaType(contentType);
+  if (type === 'application/x-www-form-urlencoded') {
+    const text = Buffer.isBuffer(body) ? body.toString('utf8') : String(body ?? '');
+    if (text.trimStart().startsWith('{')) {
+      throw new RelayError('bad-request', 'the body looks like JSON but was sent as a form: send it with Content-Type: application/json');
+    }
+    const form = new URLSearchParams(text);
+    return {
+      sessionId: requireSessionId(form.get('session_id')),
+      add: parseTopicList(form.get('sub_topics')),
+      remove: parseTopicList(form.get('unsub_topics')),
+    };
+  }
+  if (type !== '' && type !== 'application/json' && type !== 'text/plain' && !type.endsWith('+json')) {
+    throw new RelayError('unsupported-media-type', `unsupported content type ${JSON.stringify(type)}: send application/json or application/x-www-form-urlencoded`);
+  }
+  let value: unknown = body;
+  if (Buffer.isBuffer(body)) {
+    try {
+      value = JSON.parse(body.toString('utf8'));
+    } catch (err) {
+      throw new RelayError('bad-request', `malformed JSON: ${(err as Error).message}`);
+    }
+  }
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) {
+    throw new RelayError('bad-request', 'the body must be a JSON object like {"session_id":"…","add":["topic"],"remove":[]}');
+  }
+  const fields = value as Record<string, unknown>;
+  return {
+    sessionId: requireSessionId(fields.session_id),
+    add: assertTopicArray(fields.add, 'add'),
+    remove: assertTopicArray(fields.remove, 'remove'),
+  };
+}
+
+function requireSessionId(value: unknown): string {
+  if (value === undefined || value === null || value === '') throw new RelayError('bad-request', 'session_id is missing');
+  if (typeof value !== 'string') throw new RelayError('bad-request', 'session_id must be a string');
+  return value;
+}
+
+/** Checks the publish credential: a bearer token when one is configured. */
+export function checkPublishAllowed(setting: boolean | { token: string } | undefined, authorization: string | undefined | null): void {
+  if (setting === false || setting === undefined) {
+    throw new RelayError('not-found', 'publishing over HTTP is disabled on this relay (enable it with the publish option)');
+  }
+  if (setting === true) return;
+  const match = /^Bearer\s+(.+)$/i.exec(authorization ?? '');
+  const given = Buffer.from(match?.[1] ?? '');
+  const expected = Buffer.from(setting.token);
+  if (given.length !== expected.length || !timingSafeEqual(given, expected)) throw new RelayError('forbidden', 'publishing needs a valid bearer token');
+}
+
+export function tooLarge(limit: number): RelayError {
+  return new RelayError('too-large', `the request body is larger than ${limit} bytes`);
+}

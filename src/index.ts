@@ -1,0 +1,59 @@
+import type { Registry } from 'prom-client';
+import { createFetchHandler, type FetchHandler } from './http/fetch.ts';
+import { createNodeHandlers, type NodeHandler, type NodeMiddleware } from './http/node.ts';
+import { createMetrics } from './metrics.ts';
+import type { RelayOptions } from './options.ts';
+import { createRelayCore, type RelayCore, type RelayStats, type UpdateRequest, type UpdateResult } from './relay.ts';
+
+export interface Relay {
+  /** Every endpoint, routed by path. Express / Connect middleware: calls `next` for other paths. */
+  handler: NodeMiddleware;
+  /** `GET /events` alone, for frameworks that route themselves. */
+  handleEvents: NodeHandler;
+  /** `POST /update_subscriptions` alone. */
+  handleUpdate: NodeHandler;
+  /** `POST /publish` alone. */
+  handlePublish: NodeHandler;
+  /** Web-standard handler for Hono, Bun, Deno and edge runtimes. */
+  fetch: FetchHandler;
+  /** Changes a session's topics, as `POST /update_subscriptions` does. */
+  updateSubscriptions(request: UpdateRequest): Promise<UpdateResult>;
+  /** Publishes through the relay's broker. */
+  publish(topic: string, body: Uint8Array | string): Promise<void>;
+  stats(): RelayStats;
+  /** The Prometheus registry behind `/metrics`. */
+  readonly metrics: Registry;
+  /** True while the broker is connected and the relay is not shutting down. */
+  isReady(): boolean;
+  /** Ends open streams, releases broker subscriptions and closes a broker opened from a URL. */
+  close(): Promise<void>;
+  /** The underlying core, for transports built on top. */
+  readonly core: RelayCore;
+}
+
+/** Creates a relay over a broker URL (`mem://`, `nats://…`) or an opened Broker. */
+export async function createRelay(options: RelayOptions): Promise<Relay> {
+  const core = await createRelayCore(options);
+  const metrics = createMetrics(core);
+  const node = createNodeHandlers(core, metrics);
+  return {
+    handler: node.handler,
+    handleEvents: node.events,
+    handleUpdate: node.update,
+    handlePublish: node.publish,
+    fetch: createFetchHandler(core, metrics),
+    updateSubscriptions: (request) => core.updateSubscriptions(request),
+    publish: (topic, body) => core.publish(topic, typeof body === 'string' ? Buffer.from(body) : body),
+    stats: () => core.stats(),
+    metrics,
+    isReady: () => core.isReady(),
+    close: () => core.close(),
+    core,
+  };
+}
+
+export type { RelayOptions, RelayPaths, CorsOptions } from './options.ts';
+export type { RelayStats, UpdateRequest, UpdateResult, StreamRequest, RelayCore } from './relay.ts';
+export { RelayError, type ErrorCode } from './errors.ts';
+export { topicProblem, MAX_TOPIC_BYTES } from './topics.ts';
+export * from './brokers/index.ts';

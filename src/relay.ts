@@ -1,0 +1,283 @@
+import { openBroker, type Broker } from './brokers/index.ts';
+import type { ConnectionStats, QueuedConnection } from './connection.ts';
+import { RelayError } from './errors.ts';
+import { eventId, parseEventId, type RelayMessage } from './frames.ts';
+import { Hub } from './hub.ts';
+import { resolveOptions, type RelayOptions, type ResolvedOptions } from './options.ts';
+import { Session, newSessionId } from './session.ts';
+import { assertTopic, parseTopicList } from './topics.ts';
+
+/** What a client asks for when it opens a stream. */
+export interface StreamRequest {
+  /** The raw `topics=` query value. */
+  topics: string | null;
+  /** The `session_id=` query value. */
+  sessionId: string | null;
+  /** The `Last-Event-ID` header (or `last_event_id=` query). */
+  lastEventId: string | null;
+}
+
+export interface UpdateRequest {
+  sessionId: string;
+  add: string[];
+  remove: string[];
+}
+
+export interface UpdateResult {
+  session_id: string;
+  subscriptions: string[];
+  failed: Array<{ topic: string; code: string; message: string }>;
+}
+
+export interface RelayStats {
+  connections: Record<string, number>;
+  sessions: number;
+  topics: number;
+  messagesIn: number;
+  messagesDelivered: number;
+  messagesDropped: number;
+  brokerErrors: number;
+}
+
+/**
+ * The transport-independent relay: sessions, subscriptions, resume and publishing. The HTTP
+ * adapters (node:http, fetch) and transports build on it.
+ */
+export class RelayCore {
+  readonly broker: Broker;
+  readonly options: ResolvedOptions;
+  readonly hub: Hub;
+  readonly deliveries: ConnectionStats = { delivered: 0, dropped: 0 };
+  private readonly sessions = new Map<string, Session>();
+  private readonly connections = new Set<QueuedConnection>();
+  private readonly ownsBroker: boolean;
+  private readonly sweeper: NodeJS.Timeout;
+  private closing = false;
+
+  constructor(broker: Broker, ownsBroker: boolean, options: ResolvedOptions) {
+    this.broker = broker;
+    this.ownsBroker = ownsBroker;
+    this.options = options;
+    this.hub = new Hub(broker, {
+      history: options.history,
+      topicGraceMs: options.topicGraceMs,
+      embedJsonPayloads: options.embedJsonPayloads,
+    });
+    // One timer for every connection's heartbeat and every topic's history expiry.
+    const every = Math.max(50, Math.floor(options.heartbeatMs / 2));
+    this.sweeper = setInterval(() => this.sweep(every), every);
+    this.sweeper.unref();
+  }
+
+  get isClosing(): boolean {
+    return this.closing;
+  }
+
+  /** Ready to serve: the broker is connected and the relay is not shutting down. */
+  isReady(): boolean {
+    return !this.closing && this.broker.isConnected();
+  }
+
+  /**
+   * Opens a stream: resumes the session named by Last-Event-ID or session_id if it still
+   * exists, else creates one subscribed to `topics`. Throws a RelayError before anything is
+   * written when the request is bad; `connect` creates the transport's connection once the
+   * request is known to be good.
+   */
+  async openStream(request: StreamRequest, connect: (session: Session) => QueuedConnection): Promise<QueuedConnection> {
+    if (this.closing) throw new RelayError('broker-unavailable', 'the relay is shutting down; reconnect to another instance');
+    const urlTopics = parseTopicList(request.topics);
+    const fromEventId = parseEventId(request.lastEventId);
+    const resumable = (fromEventId && this.sessions.get(fromEventId.sessionId)) || (request.sessionId ? this.sessions.get(request.sessionId) : undefined);
+
+    let session: Session;
+    let position: number;
+    const failures: RelayError[] = [];
+    if (resumable !== undefined) {
+      session = resumable;
+      position = fromEventId?.sessionId === session.id ? Math.min(fromEventId.seq, this.hub.lastSeq) : session.position;
+      this.cancelExpiry(session);
+    } else {
+      this.checkTopics(urlTopics);
+      this.checkTopicCap(urlTopics.length);
+      session = new Session(newSessionId(), this.hub.lastSeq);
+      position = session.position;
+      this.sessions.set(session.id, session);
+      failures.push(...(await this.addTopics(session, urlTopics)));
+    }
+
+    const connection = connect(session);
+    this.connections.add(connection);
+    connection.onClose = () => this.detach(session, connection);
+    session.connection?.close();
+    connection.open(
+      {
+        session_id: session.id,
+        subscriptions: [...session.topics.keys()],
+        resumed: resumable !== undefined,
+        heartbeat_ms: this.options.heartbeatMs,
+        session_ttl_ms: this.options.sessionTtlMs,
+      },
+      eventId(session.id, position),
+      this.options.retryMs,
+    );
+    for (const failure of failures) connection.sendError(failure);
+    this.replay(session, position, connection);
+    if (connection.isClosed) this.detach(session, connection);
+    else session.connection = connection;
+    return connection;
+  }
+
+  /** Applies a subscription change atomically: a rejected request changes nothing. */
+  async updateSubscriptions(request: UpdateRequest): Promise<UpdateResult> {
+    const session = this.sessions.get(request.sessionId);
+    if (session === undefined) throw new RelayError('unknown-session', 'no such session (it may have expired); open a new stream');
+    this.checkTopics(request.add);
+    return session.serialize(async () => {
+      const removing = new Set(request.remove.filter((t) => session.topics.has(t)));
+      const adding = request.add.filter((t) => !session.topics.has(t) || removing.has(t));
+      const resulting = session.topics.size - removing.size + adding.length;
+      if (adding.length > 0) this.checkTopicCap(resulting);
+      for (const topic of removing) {
+        session.topics.delete(topic);
+        this.hub.unsubscribe(session, topic);
+      }
+      const failures = await this.addTopics(session, adding);
+      for (const failure of failures) session.connection?.sendError(failure);
+      return {
+        session_id: session.id,
+        subscriptions: [...session.topics.keys()],
+        failed: failures.map((f) => ({ topic: f.topic ?? '', code: f.code, message: f.message })),
+      };
+    });
+  }
+
+  /** Publishes `body` on `topic` through the broker. */
+  async publish(topic: string, body: Uint8Array): Promise<void> {
+    assertTopic(topic);
+    this.checkTopics([topic]);
+    try {
+      await this.broker.publish(topic, body);
+    } catch (err) {
+      if (err instanceof RelayError) throw err;
+      throw new RelayError('broker-unavailable', `the broker did not accept the message: ${(err as Error).message}`, { topic, cause: err });
+    }
+  }
+
+  stats(): RelayStats {
+    const connections: Record<string, number> = {};
+    for (const c of this.connections) connections[c.transport] = (connections[c.transport] ?? 0) + 1;
+    return {
+      connections,
+      sessions: this.sessions.size,
+      topics: this.hub.topicCount,
+      messagesIn: this.hub.counters.messagesIn,
+      messagesDelivered: this.deliveries.delivered,
+      messagesDropped: this.deliveries.dropped,
+      brokerErrors: this.hub.counters.brokerErrors,
+    };
+  }
+
+  /** Ends every stream (clients reconnect elsewhere), releases broker subscriptions, and closes a broker the relay opened. */
+  async close(): Promise<void> {
+    if (this.closing) return;
+    this.closing = true;
+    clearInterval(this.sweeper);
+    for (const connection of [...this.connections]) connection.close();
+    for (const session of this.sessions.values()) this.cancelExpiry(session);
+    this.sessions.clear();
+    await this.hub.close();
+    if (this.ownsBroker) await this.broker.close();
+  }
+
+  private async addTopics(session: Session, topics: string[]): Promise<RelayError[]> {
+    const since = this.hub.lastSeq;
+    for (const topic of topics) session.topics.set(topic, since);
+    const results = await Promise.all(topics.map((topic) => this.hub.subscribe(session, topic)));
+    const failures: RelayError[] = [];
+    results.forEach((failure, i) => {
+      if (failure === undefined) return;
+      session.topics.delete(topics[i]!);
+      failures.push(failure);
+    });
+    return failures;
+  }
+
+  /** Queues what the session missed since `position`, with `events-lost` first when history no longer holds all of it. */
+  private replay(session: Session, position: number, connection: QueuedConnection): void {
+    if (position >= this.hub.lastSeq) {
+      session.position = position;
+      return;
+    }
+    const now = Date.now();
+    const missed: RelayMessage[] = [];
+    let incomplete = false;
+    for (const [topic, since] of session.topics) {
+      const part = this.hub.historySince(topic, Math.max(position, since), now);
+      missed.push(...part.messages);
+      incomplete ||= part.incomplete;
+    }
+    missed.sort((a, b) => a.seq - b.seq);
+    if (incomplete) {
+      connection.sendError(new RelayError('events-lost', 'some events published while this client was away are no longer held by the relay'));
+    }
+    for (const message of missed) connection.send(message);
+    session.position = Math.max(position, this.hub.lastSeq);
+  }
+
+  private detach(session: Session, connection: QueuedConnection): void {
+    this.connections.delete(connection);
+    if (session.connection !== connection && session.connection !== undefined) return;
+    session.connection = undefined;
+    if (this.closing || !this.sessions.has(session.id)) return;
+    session.expiryTimer = setTimeout(() => this.expire(session), this.options.sessionTtlMs);
+    session.expiryTimer.unref();
+  }
+
+  private expire(session: Session): void {
+    if (session.connection !== undefined) return;
+    this.sessions.delete(session.id);
+    for (const topic of session.topics.keys()) this.hub.unsubscribe(session, topic);
+  }
+
+  private cancelExpiry(session: Session): void {
+    if (session.expiryTimer !== undefined) clearTimeout(session.expiryTimer);
+    session.expiryTimer = undefined;
+  }
+
+  /** Topics must pass PROTOCOL.md section 1 (checked when parsed) and the broker's own naming rules. */
+  private checkTopics(topics: string[]): void {
+    for (const topic of topics) {
+      const problem = this.broker.topicProblem(topic);
+      if (problem !== undefined) {
+        throw new RelayError('invalid-topic', `invalid topic ${JSON.stringify(topic)} for ${this.broker.scheme}://: ${problem}`, { topic });
+      }
+    }
+  }
+
+  private checkTopicCap(count: number): void {
+    if (count > this.options.maxTopicsPerSession) {
+      throw new RelayError('too-many-topics', `a session may hold at most ${this.options.maxTopicsPerSession} topics (this request would make ${count})`);
+    }
+  }
+
+  private sweep(every: number): void {
+    const now = Date.now();
+    for (const connection of this.connections) {
+      if (now - connection.lastWriteAt >= every) {
+        connection.heartbeat();
+        connection.lastWriteAt = now;
+      }
+    }
+    this.hub.expireHistory(now);
+  }
+}
+
+/** Opens the broker (when given a URL) and creates the relay core. */
+export async function createRelayCore(options: RelayOptions): Promise<RelayCore> {
+  const resolved = resolveOptions(options);
+  const owns = typeof options.broker === 'string';
+  const broker = typeof options.broker === 'string' ? await openBroker(options.broker) : options.broker;
+  if (resolved.publish === undefined) resolved.publish = broker.scheme === 'mem';
+  return new RelayCore(broker, owns, resolved);
+}

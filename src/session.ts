@@ -1,0 +1,50 @@
+import { randomBytes } from 'node:crypto';
+import type { QueuedConnection } from './connection.ts';
+import { idPrefix, type RelayMessage } from './frames.ts';
+
+/** Session ids carry 128 random bits (PROTOCOL.md 2.2): they are bearer secrets. */
+export function newSessionId(): string {
+  return randomBytes(16).toString('base64url');
+}
+
+/**
+ * A client's subscriptions and its position in the message sequence. It outlives its
+ * connection by the TTL so that a client that reconnects resumes where it was.
+ */
+export class Session {
+  readonly id: string;
+  readonly idPrefix: Buffer;
+  /** Subscribed topics, each with the sequence number at which it was subscribed (nothing earlier is replayed). */
+  readonly topics = new Map<string, number>();
+  /** The attached connection; at most one, the newest. */
+  connection: QueuedConnection | undefined;
+  /** Sequence number of the last message handed to a connection. */
+  position: number;
+  /** Who opened the session, when authorization is on; updates must come from the same identity. */
+  readonly identity: string | undefined;
+  expiryTimer: NodeJS.Timeout | undefined;
+  /** Serialises subscription updates so concurrent requests apply one after the other. */
+  private updates: Promise<unknown> = Promise.resolve();
+
+  constructor(id: string, position: number, identity?: string) {
+    this.id = id;
+    this.idPrefix = idPrefix(id);
+    this.position = position;
+    this.identity = identity;
+  }
+
+  /** Hands a message to the attached connection; a detached session picks it up from history on resume. */
+  deliver(message: RelayMessage): void {
+    const connection = this.connection;
+    if (connection === undefined) return;
+    this.position = message.seq;
+    connection.send(message);
+  }
+
+  /** Runs `update` after every earlier update of this session has finished. */
+  serialize<T>(update: () => Promise<T>): Promise<T> {
+    const run = this.updates.then(update, update);
+    this.updates = run.catch(() => {});
+    return run;
+  }
+}

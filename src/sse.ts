@@ -1,0 +1,56 @@
+import { QueuedConnection, eventsLostError, type ConfigPayload, type ConnectionStats, type OutboxLimits } from './connection.ts';
+import { RelayError } from './errors.ts';
+import { HEARTBEAT_FRAME, configFrame, errorFrame, type RelayMessage } from './frames.ts';
+
+/** Where an SSE stream's bytes go: a node:http response or a web ReadableStream. */
+export interface ByteSink {
+  /** Writes the chunks in order; false when the reader is saturated (then `drained` follows). */
+  write(chunks: Buffer[]): boolean;
+  end(): void;
+}
+
+/** The events of a sink that an SSE connection listens to. */
+export interface SinkEvents {
+  drained(): void;
+  gone(): void;
+}
+
+/** A Server-Sent Events stream (PROTOCOL.md section 2). */
+export class SseConnection extends QueuedConnection {
+  readonly transport = 'sse';
+  private readonly sink: ByteSink;
+  private readonly idPrefix: Buffer;
+
+  constructor(sink: ByteSink, idPrefix: Buffer, limits: OutboxLimits, stats: ConnectionStats) {
+    super(limits, stats);
+    this.sink = sink;
+    this.idPrefix = idPrefix;
+  }
+
+  /** The callbacks a sink adapter must wire to its stream's events. */
+  get events(): SinkEvents {
+    return { drained: () => this.drained(), gone: () => this.gone() };
+  }
+
+  open(config: ConfigPayload, id: string, retryMs: number): void {
+    if (!this.closed) this.sink.write([configFrame(retryMs, id, config)]);
+  }
+
+  heartbeat(): void {
+    if (!this.closed) this.sink.write([HEARTBEAT_FRAME]);
+  }
+
+  protected writeBatch(items: (RelayMessage | RelayError)[], lost: number): boolean {
+    const chunks: Buffer[] = [];
+    if (lost > 0) chunks.push(errorFrame(eventsLostError(lost)));
+    for (const item of items) {
+      if (item instanceof RelayError) chunks.push(errorFrame(item));
+      else chunks.push(this.idPrefix, item.sseTail);
+    }
+    return this.sink.write(chunks);
+  }
+
+  protected end(): void {
+    this.sink.end();
+  }
+}
