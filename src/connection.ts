@@ -83,13 +83,15 @@ export abstract class QueuedConnection {
   /** Queues a message for this client. */
   send(message: RelayMessage): void {
     if (this.closed) return;
-    if (this.queue.length >= this.limits.maxMessages || this.queuedBytes + message.byteLength > this.limits.maxBytes) {
+    // A burst larger than the outbox within one turn is not a slow reader: write it out now.
+    if (this.writable && this.overflows(message)) this.flush();
+    if (this.overflows(message)) {
       if (this.limits.onOverflow === 'close') {
         this.lose(1);
         this.close();
         return;
       }
-      while (this.queue.length > 0 && (this.queue.length >= this.limits.maxMessages || this.queuedBytes + message.byteLength > this.limits.maxBytes)) {
+      while (this.queue.length > 0 && this.overflows(message)) {
         const old = this.queue.shift()!;
         if (!(old instanceof RelayError)) {
           this.queuedBytes -= old.byteLength;
@@ -100,6 +102,17 @@ export abstract class QueuedConnection {
     this.queue.push(message);
     this.queuedBytes += message.byteLength;
     this.markDirty();
+  }
+
+  /**
+   * Writes a resume's replay at once, after what is queued. It is exempt from the outbox bound:
+   * the messages are already held (and bounded) by the topics' history, and a replay larger than
+   * the outbox would otherwise be dropped, or closed, on every reconnect.
+   */
+  replay(messages: RelayMessage[]): void {
+    if (this.closed) return;
+    for (const message of messages) this.queue.push(message);
+    this.flush();
   }
 
   /** Queues an error event (subscription-failure, events-lost, …) in order with messages. */
@@ -129,7 +142,10 @@ export abstract class QueuedConnection {
     for (const item of items) if (!(item instanceof RelayError)) delivered++;
     this.stats.delivered += delivered;
     this.lastWriteAt = now;
-    this.writable = this.writeBatch(items, lost);
+    // Cleared before writing: a sink may report `drained` synchronously inside the write (node's
+    // ServerResponse does on uncork when the kernel takes everything), and that must not be undone.
+    this.writable = false;
+    if (this.writeBatch(items, lost)) this.writable = true;
   }
 
   /** The transport calls this when a saturated socket can take more. */
@@ -165,6 +181,10 @@ export abstract class QueuedConnection {
   protected abstract writeBatch(items: Pending[], lost: number): boolean;
   /** Ends the underlying stream. */
   protected abstract end(): void;
+
+  private overflows(message: RelayMessage): boolean {
+    return this.queue.length >= this.limits.maxMessages || this.queuedBytes + message.byteLength > this.limits.maxBytes;
+  }
 
   private markDirty(): void {
     if (this.isDirty || !this.writable) return;

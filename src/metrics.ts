@@ -15,8 +15,9 @@ export function createMetrics(core: RelayCore): Registry {
     labelNames: ['transport'],
     registers: [registry],
     collect() {
-      this.reset();
-      for (const [transport, n] of Object.entries(core.stats().connections)) this.set({ transport }, n);
+      // Every transport reports, 0 included, so a dashboard's series never vanishes.
+      const open = core.stats().connections;
+      for (const transport of new Set(['sse', ...Object.keys(open)])) this.set({ transport }, open[transport] ?? 0);
     },
   });
   gauge(registry, 'livepipe_sessions', 'Live sessions, attached or within their TTL.', () => core.stats().sessions);

@@ -2,6 +2,8 @@ import type { Broker } from './brokers/broker.ts';
 import type { OutboxLimits } from './connection.ts';
 import type { HistoryLimits } from './history.ts';
 
+export type PublishSetting = boolean | 'loopback' | { token: string };
+
 export interface RelayPaths {
   events: string;
   update: string;
@@ -38,10 +40,12 @@ export interface RelayOptions {
   /** Largest request body accepted by update_subscriptions and publish, in bytes. */
   maxBodyBytes?: number;
   /**
-   * `POST /publish`: true, false, or a bearer token that publishers must send. Defaults to
-   * enabled for the in-memory broker only.
+   * `POST /publish`: true, false, a bearer token that publishers must send, or 'loopback'
+   * (allowed for requests that arrive on a loopback address). The default is 'loopback' for
+   * the in-memory broker and false for any other. The fetch handler cannot see the listener,
+   * so there 'loopback' refuses: set true or a token.
    */
-  publish?: boolean | { token: string };
+  publish?: PublishSetting;
   /** CORS; off unless set (the CLI allows any origin on a loopback listener). */
   cors?: CorsOptions | false;
   /** Put bodies that are valid JSON into `payload` as JSON values instead of strings. */
@@ -58,7 +62,7 @@ export interface ResolvedOptions {
   outbox: OutboxLimits;
   maxTopicsPerSession: number;
   maxBodyBytes: number;
-  publish: boolean | { token: string } | undefined;
+  publish: PublishSetting | undefined;
   cors: CorsOptions | false;
   embedJsonPayloads: boolean;
 }

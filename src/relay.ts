@@ -96,6 +96,8 @@ export class RelayCore {
     if (resumable !== undefined) {
       session = resumable;
       position = fromEventId?.sessionId === session.id ? Math.min(fromEventId.seq, this.hub.lastSeq) : session.position;
+      // The newest connection wins: a half-dead older one is ended first.
+      session.connection?.close();
       this.cancelExpiry(session);
     } else {
       this.checkTopics(urlTopics);
@@ -109,7 +111,6 @@ export class RelayCore {
     const connection = connect(session);
     this.connections.add(connection);
     connection.onClose = () => this.detach(session, connection);
-    session.connection?.close();
     connection.open(
       {
         session_id: session.id,
@@ -221,7 +222,7 @@ export class RelayCore {
     if (incomplete) {
       connection.sendError(new RelayError('events-lost', 'some events published while this client was away are no longer held by the relay'));
     }
-    for (const message of missed) connection.send(message);
+    connection.replay(missed);
     session.position = Math.max(position, this.hub.lastSeq);
   }
 
@@ -278,6 +279,6 @@ export async function createRelayCore(options: RelayOptions): Promise<RelayCore>
   const resolved = resolveOptions(options);
   const owns = typeof options.broker === 'string';
   const broker = typeof options.broker === 'string' ? await openBroker(options.broker) : options.broker;
-  if (resolved.publish === undefined) resolved.publish = broker.scheme === 'mem';
+  if (resolved.publish === undefined) resolved.publish = broker.scheme === 'mem' ? 'loopback' : false;
   return new RelayCore(broker, owns, resolved);
 }

@@ -37,7 +37,7 @@ export function createFetchHandler(core: RelayCore, metrics: Registry): FetchHan
           return json(200, result, cors());
         }
         case 'publish': {
-          checkPublishAllowed(core.options.publish, request.headers.get('authorization'));
+          checkPublishAllowed(core.options.publish, request.headers.get('authorization'), undefined);
           const body = await readBody(request, core.options.maxBodyBytes);
           await core.publish(url.searchParams.get('topic') ?? '', body);
           return new Response(null, { status: 204, headers: cors() });

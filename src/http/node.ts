@@ -55,7 +55,7 @@ export function createNodeHandlers(core: RelayCore, metrics: Registry): NodeHand
 
   const publish: NodeHandler = async (req, res) => {
     try {
-      checkPublishAllowed(core.options.publish, header(req, 'authorization'));
+      checkPublishAllowed(core.options.publish, header(req, 'authorization'), req.socket.localAddress);
       const topic = new URL(req.url ?? '/', 'http://relay').searchParams.get('topic');
       const body = await readBody(req, core.options.maxBodyBytes);
       await core.publish(topic ?? '', Buffer.isBuffer(body) ? body : Buffer.from(typeof body === 'string' ? body : JSON.stringify(body)));

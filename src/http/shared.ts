@@ -1,6 +1,7 @@
 import { timingSafeEqual } from 'node:crypto';
 import { RelayError } from '../errors.ts';
-import type { CorsOptions, RelayPaths } from '../options.ts';
+import { isLoopbackHost } from '../net.ts';
+import type { CorsOptions, PublishSetting, RelayPaths } from '../options.ts';
 import type { UpdateRequest } from '../relay.ts';
 import { assertTopicArray, parseTopicList } from '../topics.ts';
 
@@ -33,7 +34,8 @@ export const JSON_TYPE = 'application/json; charset=utf-8';
 
 /** CORS response headers for a request from `origin`, or none when it is not allowed. */
 export function corsHeaders(origin: string | undefined, cors: CorsOptions | false, preflight: boolean): Record<string, string> {
-  if (cors === false || origin === undefined) return {};
+  if (cors === false) return {};
+  if (origin === undefined) return cors.origins === '*' ? {} : { vary: 'Origin' };
   const headers: Record<string, string> = {};
   if (cors.origins === '*') {
     headers['access-control-allow-origin'] = '*';
@@ -41,7 +43,8 @@ export function corsHeaders(origin: string | undefined, cors: CorsOptions | fals
     headers['access-control-allow-origin'] = origin;
     headers.vary = 'Origin';
   } else {
-    return {};
+    // The answer depends on Origin: shared caches must not reuse it for an allowed origin.
+    return { vary: 'Origin' };
   }
   if (preflight) {
     headers['access-control-allow-methods'] = 'GET, POST, OPTIONS';
@@ -101,12 +104,19 @@ function requireSessionId(value: unknown): string {
   return value;
 }
 
-/** Checks the publish credential: a bearer token when one is configured. */
-export function checkPublishAllowed(setting: boolean | { token: string } | undefined, authorization: string | undefined | null): void {
+/**
+ * Checks that publishing over HTTP is allowed for this request: `localAddress` is the address
+ * the request arrived on, when the adapter knows it.
+ */
+export function checkPublishAllowed(setting: PublishSetting | undefined, authorization: string | undefined | null, localAddress: string | undefined): void {
   if (setting === false || setting === undefined) {
     throw new RelayError('not-found', 'publishing over HTTP is disabled on this relay (enable it with the publish option)');
   }
   if (setting === true) return;
+  if (setting === 'loopback') {
+    if (localAddress !== undefined && isLoopbackHost(localAddress)) return;
+    throw new RelayError('forbidden', 'publishing over HTTP is allowed by default only on a loopback listener with the in-memory broker; set the publish option to a token (or true) to allow it here');
+  }
   const match = /^Bearer\s+(.+)$/i.exec(authorization ?? '');
   const given = Buffer.from(match?.[1] ?? '');
   const expected = Buffer.from(setting.token);
