@@ -88,16 +88,11 @@ export abstract class QueuedConnection {
     if (this.overflows(message)) {
       if (this.limits.onOverflow === 'close') {
         this.lose(1);
-        this.close();
+        // Ended hard: a reader this far behind would not read a clean end either. It resumes from history.
+        this.close(true);
         return;
       }
-      while (this.queue.length > 0 && this.overflows(message)) {
-        const old = this.queue.shift()!;
-        if (!(old instanceof RelayError)) {
-          this.queuedBytes -= old.byteLength;
-          this.lose(1);
-        }
-      }
+      this.dropOldest(message);
     }
     this.queue.push(message);
     this.queuedBytes += message.byteLength;
@@ -154,14 +149,19 @@ export abstract class QueuedConnection {
     if (this.queue.length > 0 || this.lost > 0) this.markDirty();
   }
 
-  /** Ends the connection cleanly (the client may reconnect and resume). */
-  close(): void {
+  /** Ends the connection (the client may reconnect and resume): cleanly, or at once when `abort`. */
+  close(abort = false): void {
     if (this.closed) return;
     this.closed = true;
     this.queue.clear();
     this.queuedBytes = 0;
-    this.end();
+    this.end(abort);
     this.onClose?.();
+  }
+
+  /** Sends a keep-alive to a quiet connection; none to one whose socket is already full. */
+  keepAlive(): void {
+    if (!this.closed && this.writable) this.heartbeat();
   }
 
   /** The transport calls this when the client went away. */
@@ -176,11 +176,28 @@ export abstract class QueuedConnection {
   /** Sends the config event; called once, before any message. `id` is the resume position. */
   abstract open(config: ConfigPayload, id: string, retryMs: number): void;
   /** Writes a keep-alive if the transport needs one. */
-  abstract heartbeat(): void;
+  protected abstract heartbeat(): void;
   /** Writes queued items (oldest first), preceded by an events-lost report when `lost` > 0. Returns false when saturated. */
   protected abstract writeBatch(items: Pending[], lost: number): boolean;
-  /** Ends the underlying stream. */
-  protected abstract end(): void;
+  /** Ends the underlying stream: cleanly, or destroyed at once when `abort`. */
+  protected abstract end(abort: boolean): void;
+
+  /** Drops the oldest messages until `message` fits. Queued error events are kept: they cannot be replayed. */
+  private dropOldest(message: RelayMessage): void {
+    const kept: RelayError[] = [];
+    while (this.queue.length > 0 && this.overflows(message)) {
+      const old = this.queue.shift()!;
+      if (old instanceof RelayError) {
+        kept.push(old);
+      } else {
+        this.queuedBytes -= old.byteLength;
+        this.lose(1);
+      }
+    }
+    if (kept.length === 0) return;
+    const rest = this.queue.drain();
+    for (const item of [...kept, ...rest]) this.queue.push(item);
+  }
 
   private overflows(message: RelayMessage): boolean {
     return this.queue.length >= this.limits.maxMessages || this.queuedBytes + message.byteLength > this.limits.maxBytes;

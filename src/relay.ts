@@ -110,6 +110,11 @@ export class RelayCore {
 
     const connection = connect(session);
     this.connections.add(connection);
+    if (connection.isClosed) {
+      // The client left while its subscriptions were being set up.
+      this.detach(session, connection);
+      return connection;
+    }
     connection.onClose = () => this.detach(session, connection);
     connection.open(
       {
@@ -124,8 +129,7 @@ export class RelayCore {
     );
     for (const failure of failures) connection.sendError(failure);
     this.replay(session, position, connection);
-    if (connection.isClosed) this.detach(session, connection);
-    else session.connection = connection;
+    if (!connection.isClosed) session.connection = connection;
     return connection;
   }
 
@@ -266,7 +270,7 @@ export class RelayCore {
     const now = Date.now();
     for (const connection of this.connections) {
       if (now - connection.lastWriteAt >= every) {
-        connection.heartbeat();
+        connection.keepAlive();
         connection.lastWriteAt = now;
       }
     }

@@ -6,7 +6,10 @@ import { HEARTBEAT_FRAME, configFrame, errorFrame, type RelayMessage } from './f
 export interface ByteSink {
   /** Writes the chunks in order; false when the reader is saturated (then `drained` follows). */
   write(chunks: Buffer[]): boolean;
+  /** Ends the stream cleanly. */
   end(): void;
+  /** Tears the stream down at once, discarding what is buffered. */
+  destroy(): void;
 }
 
 /** The events of a sink that an SSE connection listens to. */
@@ -36,8 +39,8 @@ export class SseConnection extends QueuedConnection {
     if (!this.closed) this.sink.write([configFrame(retryMs, id, config)]);
   }
 
-  heartbeat(): void {
-    if (!this.closed) this.sink.write([HEARTBEAT_FRAME]);
+  protected heartbeat(): void {
+    this.sink.write([HEARTBEAT_FRAME]);
   }
 
   protected writeBatch(items: (RelayMessage | RelayError)[], lost: number): boolean {
@@ -50,7 +53,8 @@ export class SseConnection extends QueuedConnection {
     return this.sink.write(chunks);
   }
 
-  protected end(): void {
-    this.sink.end();
+  protected end(abort: boolean): void {
+    if (abort) this.sink.destroy();
+    else this.sink.end();
   }
 }

@@ -99,6 +99,13 @@ async function events(core: RelayCore, request: Request, url: URL, headers: Reco
               // already closed or cancelled
             }
           },
+          destroy() {
+            try {
+              controller.error(new Error('livepipe closed this stream: the client read too slowly'));
+            } catch {
+              // already closed or cancelled
+            }
+          },
         },
         session.idPrefix,
         core.options.outbox,

@@ -119,6 +119,9 @@ function responseSink(res: ServerResponse): ByteSink {
     end() {
       if (!res.destroyed) res.end();
     },
+    destroy() {
+      res.destroy();
+    },
   };
 }
 
