@@ -56,4 +56,5 @@ export type { RelayOptions, RelayPaths, CorsOptions } from './options.ts';
 export type { RelayStats, UpdateRequest, UpdateResult, StreamRequest, RelayCore } from './relay.ts';
 export { RelayError, type ErrorCode } from './errors.ts';
 export { topicProblem, MAX_TOPIC_BYTES } from './topics.ts';
+export { livepipeFastify, type FastifyLike, type FastifyRelay } from './http/fastify.ts';
 export * from './brokers/index.ts';

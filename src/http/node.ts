@@ -95,8 +95,12 @@ export function createNodeHandlers(core: RelayCore, metrics: Registry): NodeHand
         return sendJson(res, ready ? 200 : 503, { status: ready ? 'ready' : 'unavailable', broker_connected: core.broker.isConnected(), draining: core.isClosing }, cors(req));
       }
       case 'metrics': {
-        const text = await metrics.metrics();
-        res.writeHead(200, { 'content-type': metrics.contentType, ...cors(req) }).end(text);
+        try {
+          const text = await metrics.metrics();
+          res.writeHead(200, { 'content-type': metrics.contentType, ...cors(req) }).end(text);
+        } catch (err) {
+          sendError(res, toRelayError(err), cors(req));
+        }
         return;
       }
     }
@@ -136,7 +140,8 @@ function header(req: IncomingMessage, name: string): string | undefined {
  */
 async function readBody(req: IncomingMessage, limit: number): Promise<Buffer | unknown> {
   const parsed = (req as { body?: unknown }).body;
-  if (parsed !== undefined && (req.readableEnded || req.complete)) {
+  // Only a body whose stream was consumed was parsed for this request (Express 4 sets {} on skipped ones).
+  if (parsed !== undefined && req.readableEnded) {
     if (typeof parsed === 'string') return Buffer.from(parsed);
     if (isForm(req) && typeof parsed === 'object' && parsed !== null && !Buffer.isBuffer(parsed)) {
       return Buffer.from(new URLSearchParams(parsed as Record<string, string>).toString());
