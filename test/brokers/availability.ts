@@ -25,3 +25,12 @@ export async function restartBroker(name: string): Promise<void> {
   await run('bash', [BROKERS_SCRIPT, 'down', name], { timeout: 120_000 });
   await run('bash', [BROKERS_SCRIPT, 'up', name], { timeout: 180_000 });
 }
+
+/**
+ * The `skip` option for a broker's own test group: skipped with the reason on a developer's
+ * machine without the server, never in CI, where an unreachable broker must fail the run.
+ */
+export function skipUnlessCi(unavailable: string | undefined): string | false {
+  if (unavailable === undefined || process.env.CI) return false;
+  return `${unavailable} (start the test brokers with: scripts/brokers.sh up)`;
+}
