@@ -1,7 +1,8 @@
-// The livepipe demo page: the browser's own EventSource on /events, and plain fetch for
-// /update_subscriptions and /publish. URLs are relative so the page also works under a prefix.
+// The livepipe demo page: the livepipe client (served at client/index.js) over the browser's own
+// EventSource, or WebSocket with ?transport=ws, and plain fetch for /publish. URLs are relative
+// so the page also works under a prefix.
+import { connect as connectClient } from './client/index.js';
 
-const CONFIG_TOPIC = '/httpsub/config';
 const MAX_ROWS = 500;
 
 const $ = (id) => document.getElementById(id);
@@ -24,10 +25,10 @@ const ui = {
   clear: $('clear'),
 };
 
-/** The topics the user asked for; restored if the server forgot the session (after its TTL). */
-const wanted = new Set(splitTopics(new URLSearchParams(location.search).get('topics') ?? 'demo'));
-let source;
-let sessionId = null;
+const params = new URLSearchParams(location.search);
+const transport = params.get('transport') === 'ws' ? 'ws' : 'sse';
+/** The client keeps the topics the user asked for, and restores them if the server forgot the session. */
+let client;
 let received = 0;
 
 function splitTopics(text) {
@@ -35,40 +36,25 @@ function splitTopics(text) {
 }
 
 function connect() {
-  source?.close();
+  client?.close();
   setState('connecting');
-  source = new EventSource(`events?topics=${encodeURIComponent([...wanted].join(','))}`);
-  source.onopen = () => setState('open');
-  // EventSource reconnects by itself (sending Last-Event-ID) unless the server refused it.
-  source.onerror = () => setState(source.readyState === EventSource.CLOSED ? 'closed' : 'reconnecting');
-  source.onmessage = (event) => {
-    let data;
-    try {
-      data = JSON.parse(event.data);
-    } catch {
-      return addRow('error', { title: 'unreadable event', text: event.data });
-    }
-    if (data.topic === CONFIG_TOPIC) return onConfig(data.payload);
-    if (data.error) return onError(data.error, event.lastEventId);
-    onMessage(data, event.lastEventId);
-  };
+  const topics = client ? client.subscriptions : splitTopics(params.get('topics') ?? 'demo');
+  client = connectClient('./', { topics, transport });
+  client.on('state', (change) => {
+    setState(change.state);
+    if (change.state !== 'open') return;
+    ui.session.textContent = change.sessionId;
+    showSubscriptions(client.subscriptions);
+    addRow('system', { title: change.resumed ? 'session resumed' : 'session started', text: change.sessionId });
+  });
+  client.on('message', (message) => onMessage(message, message.id));
+  client.on('error', (error) => onError(error));
 }
 
 function setState(state) {
   ui.state.dataset.state = state;
   ui.state.textContent = state;
   ui.reconnect.hidden = state !== 'closed';
-}
-
-function onConfig(config) {
-  const hadSession = sessionId !== null;
-  sessionId = config.session_id;
-  ui.session.textContent = sessionId;
-  showSubscriptions(config.subscriptions);
-  addRow('system', { title: config.resumed ? 'session resumed' : 'session started', text: sessionId });
-  // A new session after a lost one starts with the URL's topics: add back what the user had.
-  const missing = [...wanted].filter((t) => !config.subscriptions.includes(t));
-  if (hadSession && !config.resumed && missing.length > 0) void update(missing, []);
 }
 
 function onMessage(data, id) {
@@ -136,25 +122,17 @@ function showSubscriptions(topics) {
   if (!ui.publishTopic.value && topics.length > 0) ui.publishTopic.value = topics[0];
 }
 
-/** POST /update_subscriptions in gochan's JSON shape; true when the server applied it. */
+/** Subscribes and unsubscribes through the client (which waits until connected); true when the server applied it. */
 async function update(add, remove) {
-  if (sessionId === null) return status(ui.subscribeStatus, 'not connected yet', true);
   try {
-    const res = await fetch('update_subscriptions', {
-      method: 'POST',
-      headers: { 'content-type': 'application/json' },
-      body: JSON.stringify({ session_id: sessionId, add, remove }),
-    });
-    const body = await res.json();
-    if (!res.ok) return status(ui.subscribeStatus, body.error?.message ?? `HTTP ${res.status}`, true);
-    wanted.clear();
-    for (const t of body.subscriptions) wanted.add(t);
-    showSubscriptions(body.subscriptions);
-    if (body.failed.length > 0) return status(ui.subscribeStatus, body.failed.map((f) => `${f.topic}: ${f.message}`).join('; '), true);
+    if (add.length > 0) await client.subscribe(add);
+    if (remove.length > 0) await client.unsubscribe(remove);
+    showSubscriptions(client.subscriptions);
     status(ui.subscribeStatus, [add.length ? `added ${add.join(', ')}` : '', remove.length ? `removed ${remove.join(', ')}` : ''].filter(Boolean).join('; '));
     return true;
   } catch (err) {
-    status(ui.subscribeStatus, `request failed: ${err.message}`, true);
+    showSubscriptions(client.subscriptions);
+    return status(ui.subscribeStatus, err.topic !== undefined && err.code === 'subscription-failure' ? `${err.topic}: ${err.message}` : err.message, true);
   }
 }
 

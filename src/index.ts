@@ -1,9 +1,11 @@
 import type { Registry } from 'prom-client';
+import { createRpcMiddleware, type RpcMiddleware } from './http/connect.ts';
 import { createFetchHandler, type FetchHandler } from './http/fetch.ts';
 import { createNodeHandlers, type NodeHandler, type NodeMiddleware } from './http/node.ts';
 import { createMetrics } from './metrics.ts';
 import type { RelayOptions } from './options.ts';
 import { createRelayCore, type RelayCore, type RelayStats, type UpdateRequest, type UpdateResult } from './relay.ts';
+import { createWsTransport, type UpgradeHandler } from './ws.ts';
 
 export interface Relay {
   /** Every endpoint, routed by path. Express / Connect middleware: calls `next` for other paths. */
@@ -16,6 +18,16 @@ export interface Relay {
   handlePublish: NodeHandler;
   /** Web-standard handler for Hono, Bun, Deno and edge runtimes. */
   fetch: FetchHandler;
+  /**
+   * WebSocket at `GET /ws`: wire to node:http's `server.on('upgrade', …)`. Returns false, leaving
+   * the socket alone, when the request is for another path.
+   */
+  handleUpgrade: UpgradeHandler;
+  /**
+   * The `livepipe.v1.Relay` service over gRPC, gRPC-Web and Connect, for node:http (Connect and
+   * gRPC-Web) or node:http2 (all three). Calls `next` for other paths. Loads ConnectRPC on first use.
+   */
+  connectHandler(): RpcMiddleware;
   /** Changes a session's topics, as `POST /update_subscriptions` does. */
   updateSubscriptions(request: UpdateRequest): Promise<UpdateResult>;
   /** Publishes through the relay's broker. */
@@ -42,6 +54,8 @@ export async function createRelay(options: RelayOptions): Promise<Relay> {
     handleUpdate: node.update,
     handlePublish: node.publish,
     fetch: createFetchHandler(core, metrics),
+    handleUpgrade: createWsTransport(core).handleUpgrade,
+    connectHandler: () => createRpcMiddleware(core),
     updateSubscriptions: (request) => core.updateSubscriptions(request),
     publish: (topic, body) => core.publish(topic, typeof body === 'string' ? Buffer.from(body) : body),
     stats: () => core.stats(),
@@ -55,6 +69,8 @@ export async function createRelay(options: RelayOptions): Promise<Relay> {
 export type { RelayOptions, RelayPaths, CorsOptions } from './options.ts';
 export type { RelayStats, UpdateRequest, UpdateResult, StreamRequest, RelayCore } from './relay.ts';
 export { RelayError, type ErrorCode } from './errors.ts';
+export { CLOSE_CODES, type UpgradeHandler } from './ws.ts';
+export { RELAY_SERVICE_PATH, type RpcMiddleware } from './http/connect.ts';
 export { topicProblem, MAX_TOPIC_BYTES } from './topics.ts';
 export { livepipeFastify, type FastifyLike, type FastifyRelay } from './http/fastify.ts';
 export * from './brokers/index.ts';

@@ -17,7 +17,7 @@ export function createMetrics(core: RelayCore): Registry {
     collect() {
       // Every transport reports, 0 included, so a dashboard's series never vanishes.
       const open = core.stats().connections;
-      for (const transport of new Set(['sse', ...Object.keys(open)])) this.set({ transport }, open[transport] ?? 0);
+      for (const transport of new Set(['sse', 'ws', ...Object.keys(open)])) this.set({ transport }, open[transport] ?? 0);
     },
   });
   gauge(registry, 'livepipe_sessions', 'Live sessions, attached or within their TTL.', () => core.stats().sessions);

@@ -11,6 +11,8 @@ export interface RelayPaths {
   health: string;
   ready: string;
   metrics: string;
+  /** The WebSocket endpoint (an Upgrade request; see `relay.handleUpgrade`). */
+  ws: string;
 }
 
 export interface CorsOptions {
@@ -74,6 +76,7 @@ export const DEFAULT_PATHS: RelayPaths = {
   health: '/healthz',
   ready: '/readyz',
   metrics: '/metrics',
+  ws: '/ws',
 };
 
 export function resolveOptions(options: RelayOptions): ResolvedOptions {

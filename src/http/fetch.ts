@@ -50,6 +50,9 @@ export function createFetchHandler(core: RelayCore, metrics: Registry): FetchHan
         }
         case 'metrics':
           return new Response(await metrics.metrics(), { headers: { 'content-type': metrics.contentType, ...cors() } });
+        case 'ws':
+          // WebSocket upgrades are served on node:http by relay.handleUpgrade, not by the fetch handler.
+          throw new RelayError('bad-request', `${url.pathname} is a WebSocket endpoint, served by relay.handleUpgrade on node:http`);
       }
     } catch (err) {
       const error = toRelayError(err);

@@ -103,6 +103,9 @@ export function createNodeHandlers(core: RelayCore, metrics: Registry): NodeHand
         }
         return;
       }
+      case 'ws':
+        // Only a request without `Upgrade: websocket` gets here: upgrades go to relay.handleUpgrade.
+        return sendError(res, new RelayError('bad-request', `${pathname} is a WebSocket endpoint: connect with a WebSocket client`), cors(req));
     }
   };
 

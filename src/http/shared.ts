@@ -22,6 +22,7 @@ export const METHODS: Record<Endpoint, string[]> = {
   health: ['GET', 'HEAD'],
   ready: ['GET', 'HEAD'],
   metrics: ['GET'],
+  ws: ['GET'],
 };
 
 export const SSE_HEADERS: Record<string, string> = {

@@ -12,6 +12,8 @@ export interface ServerConfig {
   port: number;
   /** A broker URL whose scheme has a registered driver. */
   broker: string;
+  /** Port of a cleartext HTTP/2 (h2c) listener for gRPC clients, on the same host; none when absent. */
+  grpcPort?: number;
 }
 
 export type CliCommand = { kind: 'help' } | { kind: 'version' } | { kind: 'serve'; config: ServerConfig };
@@ -27,6 +29,7 @@ const OPTIONS = {
   port: { type: 'string', short: 'p' },
   host: { type: 'string' },
   broker: { type: 'string', short: 'b' },
+  'grpc-port': { type: 'string' },
   help: { type: 'boolean', short: 'h' },
   version: { type: 'boolean' },
 } satisfies NonNullable<ParseArgsConfig['options']>;
@@ -42,15 +45,18 @@ Flags:
   -p, --port <n>       port to listen on, 0 for any free port (env PORT; default ${DEFAULTS.port})
       --host <addr>    address to listen on (env HOST; default ${DEFAULTS.host})
   -b, --broker <url>   broker URL (default ${DEFAULTS.broker}); schemes: ${schemes}
+      --grpc-port <n>  also serve gRPC on this port (cleartext HTTP/2, h2c); Connect and
+                       gRPC-Web are always served on the main port
   -h, --help           show this help
       --version        show the version
 
-Endpoints: / (demo page), /events, /update_subscriptions, /publish, /healthz, /readyz, /metrics`;
+Endpoints: / (demo page), /events, /update_subscriptions, /publish, /healthz, /readyz, /metrics,
+/livepipe.v1.Relay/Stream and /livepipe.v1.Relay/UpdateSubscriptions (Connect, gRPC-Web; gRPC on --grpc-port)`;
 }
 
 /** Parses argv (without node and script) and the environment; flags win over PORT / HOST. Throws UsageError. */
 export function parseCli(argv: string[], env: NodeJS.ProcessEnv = {}): CliCommand {
-  let values: { port?: string; host?: string; broker?: string; help?: boolean; version?: boolean };
+  let values: { port?: string; host?: string; broker?: string; 'grpc-port'?: string; help?: boolean; version?: boolean };
   try {
     values = parseArgs({ args: argv, options: OPTIONS, strict: true, allowPositionals: false }).values;
   } catch (err) {
@@ -64,6 +70,7 @@ export function parseCli(argv: string[], env: NodeJS.ProcessEnv = {}): CliComman
       port: values.port !== undefined ? parsePort(values.port, '--port') : env.PORT !== undefined ? parsePort(env.PORT, 'PORT') : DEFAULTS.port,
       host: values.host !== undefined ? parseHost(values.host, '--host') : env.HOST !== undefined ? parseHost(env.HOST, 'HOST') : DEFAULTS.host,
       broker: values.broker !== undefined ? parseBroker(values.broker) : DEFAULTS.broker,
+      ...(values['grpc-port'] !== undefined ? { grpcPort: parsePort(values['grpc-port'], '--grpc-port') } : {}),
     },
   };
 }

@@ -1,8 +1,9 @@
 import { readFileSync } from 'node:fs';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import { createServer as createH2cServer, type Http2Server, type Http2Session } from 'node:http2';
 import type { AddressInfo } from 'node:net';
 import { openBroker, type Broker } from '../brokers/index.ts';
-import { createRelay, type Relay } from '../index.ts';
+import { createRelay, type Relay, type RpcMiddleware } from '../index.ts';
 import { parseCli, serverPolicy, usage, UsageError, type ServerConfig } from './args.ts';
 import { serveStatic } from './static.ts';
 
@@ -16,6 +17,9 @@ export interface RunningServer {
   url: string;
   relay: Relay;
   server: Server;
+  /** The h2c gRPC listener of --grpc-port, e.g. http://127.0.0.1:50051; undefined without the flag. */
+  grpcUrl: string | undefined;
+  grpcServer: Http2Server | undefined;
   /** Stops accepting, ends open streams, closes the relay, the broker and the server. */
   shutdown(): Promise<void>;
 }
@@ -33,22 +37,35 @@ export async function startServer(config: ServerConfig): Promise<RunningServer> 
     throw new StartError(`cannot open the broker ${redact(config.broker)}: ${(err as Error).message}`, { cause: err });
   }
   const relay = await createRelay({ broker, ...serverPolicy(config) });
-  const server = createServer((req, res) => void handle(relay, req, res));
+  // Connect and gRPC-Web on the main port; gRPC needs HTTP/2, which node serves in cleartext only on a port of its own.
+  const rpc = relay.connectHandler();
+  const server = createServer((req, res) => void handle(relay, rpc, req, res));
+  // WebSocket at /ws; an upgrade for any other path is answered 404.
+  server.on('upgrade', (req, socket, head) => {
+    if (relay.handleUpgrade(req, socket, head)) return;
+    socket.on('error', () => {}); // node:http no longer listens, and the client may be gone already
+    socket.end('HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Length: 0\r\n\r\n');
+  });
+  const grpc = config.grpcPort === undefined ? undefined : createH2cServer((req, res) => void rpc(req, res));
+  const h2Sessions = new Set<Http2Session>();
+  grpc?.on('session', (session) => {
+    h2Sessions.add(session);
+    session.once('close', () => h2Sessions.delete(session));
+  });
+  let listeningOn = config.port;
   try {
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen(config.port, config.host, () => {
-        server.off('error', reject);
-        resolve();
-      });
-    });
+    await listen(server, config.port, config.host);
+    if (grpc !== undefined) await listen(grpc, (listeningOn = config.grpcPort!), config.host);
   } catch (err) {
+    server.close();
+    grpc?.close();
     await relay.close();
     await broker.close();
-    throw new StartError(`cannot listen on ${hostPort(config.host, config.port)}: ${(err as Error).message}`, { cause: err });
+    throw new StartError(`cannot listen on ${hostPort(config.host, listeningOn)}: ${(err as Error).message}`, { cause: err });
   }
   const { port } = server.address() as AddressInfo;
   const closed = new Promise<void>((resolve) => server.once('close', resolve));
+  const grpcClosed = grpc === undefined ? undefined : new Promise<void>((resolve) => grpc.once('close', resolve));
 
   let stopping: Promise<void> | undefined;
   const shutdown = () =>
@@ -56,20 +73,39 @@ export async function startServer(config: ServerConfig): Promise<RunningServer> 
       // No new connections, idle ones closed now; a closing server also closes each busy one
       // as soon as its response has been sent, so ended streams close their sockets cleanly.
       server.close();
+      grpc?.close();
       await relay.close(); // ends every stream, so clients reconnect elsewhere
+      // Ended streams leave keep-alive connections idle once their last bytes are flushed; close
+      // those rather than wait out keepAliveTimeout.
+      await new Promise((resolve) => setImmediate(resolve));
+      server.closeIdleConnections();
+      // HTTP/2 clients keep idle sessions open: a GOAWAY lets in-flight calls finish, then closes them.
+      for (const session of h2Sessions) session.close();
       await broker.close();
       await closed;
+      await grpcClosed;
     })());
 
-  return { url: `http://${hostPort(config.host, port)}`, relay, server, shutdown };
+  const grpcUrl = grpc === undefined ? undefined : `http://${hostPort(config.host, (grpc.address() as AddressInfo).port)}`;
+  return { url: `http://${hostPort(config.host, port)}`, grpcUrl, grpcServer: grpc, relay, server, shutdown };
 }
 
-async function handle(relay: Relay, req: IncomingMessage, res: ServerResponse): Promise<void> {
+function listen(server: Server | Http2Server, port: number, host: string): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, host, () => {
+      server.off('error', reject);
+      resolve();
+    });
+  });
+}
+
+async function handle(relay: Relay, rpc: RpcMiddleware, req: IncomingMessage, res: ServerResponse): Promise<void> {
   try {
     let other = false;
-    await relay.handler(req, res, () => {
+    await rpc(req, res, () => relay.handler(req, res, () => {
       other = true;
-    });
+    }));
     if (other) await serveStatic(req, res);
   } catch (err) {
     process.stderr.write(`livepipe: error serving ${req.method} ${req.url}: ${(err as Error).stack ?? String(err)}\n`);
@@ -101,10 +137,12 @@ export async function main(argv: string[] = process.argv.slice(2), env: NodeJS.P
     process.exitCode = 1;
     return;
   }
-  running.server.on('error', (err) => {
+  const serverError = (err: Error) => {
     process.stderr.write(`livepipe: server error: ${err.message}\n`);
     process.exit(1);
-  });
+  };
+  running.server.on('error', serverError);
+  running.grpcServer?.on('error', serverError);
 
   let signalled = false;
   const stop = (signal: NodeJS.Signals) => {
@@ -130,6 +168,7 @@ export async function main(argv: string[] = process.argv.slice(2), env: NodeJS.P
   };
   process.on('SIGTERM', stop);
   process.on('SIGINT', stop);
+  if (running.grpcUrl !== undefined) process.stdout.write(`livepipe serving gRPC (h2c) on ${running.grpcUrl}\n`);
   // Only now: whoever waits for this line may signal at once, and must find the handlers in place.
   process.stdout.write(`livepipe listening on ${running.url} (broker ${redact(config.broker)})\n`);
 }

@@ -11,6 +11,8 @@ import { JSON_TYPE } from '../http/shared.ts';
  * and from an installed package alike.
  */
 export const PUBLIC_DIR = fileURLToPath(new URL('../../public/', import.meta.url));
+/** The browser client (livepipe/client), built into dist/client/ by `npm run build`; served under /client/ for the demo page. */
+export const CLIENT_DIR = fileURLToPath(new URL('../../dist/client/', import.meta.url));
 
 const TYPES: Record<string, string> = {
   '.html': 'text/html; charset=utf-8',
@@ -25,7 +27,12 @@ const TYPES: Record<string, string> = {
 
 /** Serves a file of `root` (`/` is index.html), or answers a JSON 404 like the relay's other errors. */
 export async function serveStatic(req: IncomingMessage, res: ServerResponse, root = PUBLIC_DIR): Promise<void> {
-  const file = await findFile(root, new URL(req.url ?? '/', 'http://relay').pathname);
+  let pathname = new URL(req.url ?? '/', 'http://relay').pathname;
+  if (root === PUBLIC_DIR && pathname.startsWith('/client/')) {
+    root = CLIENT_DIR;
+    pathname = pathname.slice('/client'.length);
+  }
+  const file = await findFile(root, pathname);
   if (file === undefined) return sendError(res, new RelayError('not-found', `nothing at ${req.url ?? '/'}`));
   if (req.method !== 'GET' && req.method !== 'HEAD') {
     res.setHeader('allow', 'GET, HEAD');

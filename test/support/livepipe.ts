@@ -8,6 +8,10 @@ export const BIN = `${ROOT}bin/livepipe.js`;
 
 /** `npm test` builds first; a single test file run by hand builds dist when it is missing. */
 export function ensureBuilt(): void {
+  // The demo page imports the browser client, which has a build of its own (npm run build does both).
+  if (!existsSync(`${ROOT}dist/client/index.js`)) {
+    execFileSync(process.execPath, [`${ROOT}node_modules/typescript/bin/tsc`, '-p', `${ROOT}client/tsconfig.json`], { stdio: 'inherit' });
+  }
   if (existsSync(`${ROOT}dist/server/cli.js`)) return;
   try {
     execFileSync(process.execPath, [`${ROOT}node_modules/typescript/bin/tsc`, '-p', `${ROOT}tsconfig.build.json`], { stdio: 'inherit' });
