@@ -9,6 +9,12 @@ export interface OutboxLimits {
   maxBytes: number;
   /** What to do when a reader falls that far behind: drop its oldest messages, or close it (it then resumes from history). */
   onOverflow: 'drop-oldest' | 'close';
+  /**
+   * How long a socket may stay full, taking nothing, before the connection is cut (ms). A
+   * client that died without a FIN otherwise holds its outbox until TCP gives up, hours later;
+   * a live one reconnects and resumes from history.
+   */
+  stallTimeoutMs: number;
 }
 
 /** Delivery counters, shared by all connections of a relay. */
@@ -64,6 +70,8 @@ export abstract class QueuedConnection {
   private queuedBytes = 0;
   private lost = 0;
   private writable = true;
+  /** When the socket last became full (undefined while it takes writes). */
+  private saturatedSince: number | undefined;
   private isDirty = false;
   private readonly limits: OutboxLimits;
   /** Called once when the connection ends, whoever ended it. */
@@ -141,11 +149,13 @@ export abstract class QueuedConnection {
     // ServerResponse does on uncork when the kernel takes everything), and that must not be undone.
     this.writable = false;
     if (this.writeBatch(items, lost)) this.writable = true;
+    if (!this.writable) this.saturatedSince ??= now;
   }
 
   /** The transport calls this when a saturated socket can take more. */
   protected drained(): void {
     this.writable = true;
+    this.saturatedSince = undefined;
     if (this.queue.length > 0 || this.lost > 0) this.markDirty();
   }
 
@@ -159,9 +169,14 @@ export abstract class QueuedConnection {
     this.onClose?.();
   }
 
-  /** Sends a keep-alive to a quiet connection; none to one whose socket is already full. */
-  keepAlive(): void {
-    if (!this.closed && this.writable) this.heartbeat();
+  /**
+   * Called for quiet connections: sends a keep-alive, or, to a socket that is full, nothing —
+   * and cuts it once it has taken nothing for stallTimeoutMs.
+   */
+  keepAlive(now: number): void {
+    if (this.closed) return;
+    if (this.writable) this.heartbeat();
+    else if (this.saturatedSince !== undefined && now - this.saturatedSince >= this.limits.stallTimeoutMs) this.close(true);
   }
 
   /** The transport calls this when the client went away. */

@@ -97,6 +97,7 @@ export function resolveOptions(options: RelayOptions): ResolvedOptions {
       maxMessages: 1_000,
       maxBytes: 1024 * 1024,
       onOverflow: 'drop-oldest',
+      stallTimeoutMs: 60_000,
       ...options.outbox,
     },
     maxTopicsPerSession: options.maxTopicsPerSession ?? 256,

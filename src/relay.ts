@@ -270,7 +270,7 @@ export class RelayCore {
     const now = Date.now();
     for (const connection of this.connections) {
       if (now - connection.lastWriteAt >= every) {
-        connection.keepAlive();
+        connection.keepAlive(now);
         connection.lastWriteAt = now;
       }
     }

@@ -155,4 +155,26 @@ describe('a client that stops reading', () => {
       await r.close();
     }
   });
+  it('is cut once its socket has taken nothing for stallTimeoutMs, and can still resume its session', { timeout: 60_000 }, async () => {
+    const r = await startRelay({ heartbeatMs: 100, outbox: { maxBytes: OUTBOX_BYTES, maxMessages: 1000, stallTimeoutMs: 300 } });
+    try {
+      const slow = await openSse(r, '?topics=t');
+      const sid = slow.config.session_id;
+      slow.response.pause();
+      const fast = await openSse(r, '?topics=t');
+      // Enough to fill the paused socket's kernel buffers, so the relay sees it full.
+      await publishRange(r, 't', 0, 64, fast);
+      const deadline = Date.now() + 10_000;
+      while (r.relay.stats().connections.sse !== 1 && Date.now() < deadline) await new Promise((res) => setTimeout(res, 50));
+      assert.equal(r.relay.stats().connections.sse, 1, 'the stalled connection was cut; the reading one stays');
+      assert.equal(r.relay.stats().sessions, 2, 'the stalled client keeps its session for a resume');
+      slow.close();
+      const again = await openSse(r, `?session_id=${encodeURIComponent(sid)}`);
+      assert.equal(again.config.resumed, true);
+      again.close();
+      fast.close();
+    } finally {
+      await r.close();
+    }
+  });
 });
