@@ -17,3 +17,7 @@ registerBrokerLoader('rabbit', async () => (await import('./amqp.ts')).open);
 registerBrokerLoader('kafka', async () => (await import('./kafka.ts')).open);
 registerBrokerLoader('postgres', async () => (await import('./postgres.ts')).open);
 registerBrokerLoader('postgresql', async () => (await import('./postgres.ts')).open);
+registerBrokerLoader('gcppubsub', async () => (await import('./gcppubsub.ts')).open);
+registerBrokerLoader('awssns', async () => (await import('./aws.ts')).openSns);
+registerBrokerLoader('awssqs', async () => (await import('./aws.ts')).openSqs);
+registerBrokerLoader('azuresb', async () => (await import('./azuresb.ts')).open);

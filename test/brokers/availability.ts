@@ -32,5 +32,5 @@ export async function restartBroker(name: string): Promise<void> {
  */
 export function skipUnlessCi(unavailable: string | undefined): string | false {
   if (unavailable === undefined || process.env.CI) return false;
-  return `${unavailable} (start the test brokers with: scripts/brokers.sh up)`;
+  return `${unavailable} (start the test servers with: scripts/brokers.sh up && scripts/cloud-emulators.sh up)`;
 }

@@ -102,7 +102,7 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 export function describeConformance(h: ConformanceHarness): void {
   if (h.unavailable !== undefined) {
-    const reason = `${h.unavailable} (start the test brokers with: scripts/brokers.sh up)`;
+    const reason = `${h.unavailable} (start the test servers with: scripts/brokers.sh up && scripts/cloud-emulators.sh up)`;
     if (process.env.CI) {
       // In CI every broker must be there: an unreachable one fails the run.
       describe(`broker conformance: ${h.name}`, () => {
