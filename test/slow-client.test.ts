@@ -158,12 +158,14 @@ describe('a client that stops reading', () => {
   it('is cut once its socket has taken nothing for stallTimeoutMs, and can still resume its session', { timeout: 60_000 }, async () => {
     const r = await startRelay({ heartbeatMs: 100, outbox: { maxBytes: OUTBOX_BYTES, maxMessages: 1000, stallTimeoutMs: 300 } });
     try {
-      const slow = await openSse(r, '?topics=t');
+      const slowResponse = captureResponse(r, 'who=stalled');
+      const slow = await openSse(r, '?topics=t&who=stalled');
       const sid = slow.config.session_id;
       slow.response.pause();
       const fast = await openSse(r, '?topics=t');
-      // Enough to fill the paused socket's kernel buffers, so the relay sees it full.
-      await publishRange(r, 't', 0, 64, fast);
+      // Until the paused socket's kernel buffers are full and the relay sees it take nothing (at most 40 MB).
+      for (let sent = 0; !slowResponse().writableNeedDrain && sent < 640; sent += ROUND) await publishRange(r, 't', sent, sent + ROUND, fast);
+      assert.ok(slowResponse().writableNeedDrain, 'the stalled socket filled up');
       const deadline = Date.now() + 10_000;
       while (r.relay.stats().connections.sse !== 1 && Date.now() < deadline) await new Promise((res) => setTimeout(res, 50));
       assert.equal(r.relay.stats().connections.sse, 1, 'the stalled connection was cut; the reading one stays');
