@@ -8,6 +8,7 @@ import type { Duplex } from 'node:stream';
 import { WebSocket } from 'ws';
 import { ensureBuilt, LivepipeProcess } from './support/livepipe.ts';
 import { startRelay, type RunningRelay } from './support/relay.ts';
+import { Waiter } from './support/wait.ts';
 import type { RelayOptions } from '../src/index.ts';
 
 /** A relay whose server also takes WebSocket upgrades, as the CLI's does; records the server side of each `who=` socket. */
@@ -28,21 +29,21 @@ class WsClient {
   readonly socket: WebSocket;
   closed: { code: number; reason: string } | undefined;
   pings = 0;
-  private waiters: Array<() => void> = [];
+  private readonly waiter = new Waiter();
 
   private constructor(socket: WebSocket) {
     this.socket = socket;
     socket.on('message', (data) => {
       this.frames.push(JSON.parse(data.toString()));
-      this.wake();
+      this.waiter.wake();
     });
     socket.on('ping', () => {
       this.pings++;
-      this.wake();
+      this.waiter.wake();
     });
     socket.on('close', (code, reason) => {
       this.closed = { code, reason: reason.toString() };
-      this.wake();
+      this.waiter.wake();
     });
     socket.on('error', () => {});
   }
@@ -73,29 +74,12 @@ class WsClient {
     return this.frames.find((f) => f.ref === ref);
   }
 
-  async until(predicate: () => boolean, what: string, ms = 5000): Promise<void> {
-    const deadline = Date.now() + ms;
-    while (!predicate()) {
-      const left = deadline - Date.now();
-      if (left <= 0) throw new Error(`timed out waiting for ${what}; frames so far: ${JSON.stringify(this.frames).slice(-1500)}`);
-      await new Promise<void>((resolve) => {
-        const t = setTimeout(resolve, Math.min(left, 100));
-        this.waiters.push(() => {
-          clearTimeout(t);
-          resolve();
-        });
-      });
-    }
+  until(predicate: () => boolean, what: string, ms = 5000): Promise<void> {
+    return this.waiter.until(predicate, ms, () => new Error(`timed out waiting for ${what}; frames so far: ${JSON.stringify(this.frames).slice(-1500)}`));
   }
 
   close(): void {
     this.socket.terminate();
-  }
-
-  private wake(): void {
-    const w = this.waiters;
-    this.waiters = [];
-    for (const f of w) f();
   }
 }
 

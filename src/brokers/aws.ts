@@ -2,8 +2,10 @@ import { randomBytes, randomUUID } from 'node:crypto';
 import type { SNSClient } from '@aws-sdk/client-sns';
 import type { Message as SqsMessage, MessageAttributeValue, SQSClient } from '@aws-sdk/client-sqs';
 import { RelayError } from '../errors.ts';
-import { importPeer } from './broker.ts';
+import { backoff, importPeer } from './broker.ts';
 import type { Broker, BrokerOpener, BrokerOptions, BrokerSubscription, SubscriptionListener } from './broker.ts';
+import { TopicEntries } from './topic-entries.ts';
+import type { TopicEntry } from './topic-entries.ts';
 
 /**
  * Amazon SNS and SQS. Region, credentials and endpoint come from the AWS SDK's standard
@@ -44,7 +46,6 @@ export const TOPIC_ATTRIBUTE = 'topic';
 const MAX_MESSAGE_BYTES = 256 * 1024;
 const WAIT_SECONDS = 20; // the longest long poll SQS allows
 const RETENTION_SECONDS = 60; // the shortest SQS allows: a crashed relay's queue holds little
-const RETRY_MAX_MS = 10_000;
 // Characters SQS and SNS accept in bodies and attribute values (their documented XML set).
 const NOT_SENDABLE = /[^\t\n\r\u0020-\uD7FF\uE000-\uFFFD\u{10000}-\u{10FFFF}]/u;
 const utf8 = new TextDecoder('utf-8', { fatal: true });
@@ -120,7 +121,6 @@ export function parseAwsUrl(url: URL): AwsUrl & { queue: string } {
 const nameOf = (err: unknown): string => String((err as { name?: unknown }).name ?? '');
 const messageOf = (err: unknown): string => (err instanceof Error ? err.message : String(err));
 const isMissingQueue = (err: unknown): boolean => nameOf(err) === 'QueueDoesNotExist' || /NonExistentQueue/.test(String((err as { Code?: unknown }).Code));
-const backoff = (attempt: number) => new Promise((resolve) => setTimeout(resolve, Math.min(250 * 2 ** attempt, RETRY_MAX_MS)));
 
 /**
  * Long-polls one queue until stopped: hands each batch to `deliver`, deletes it, and reports
@@ -210,9 +210,7 @@ function topicFailure(scheme: string, what: string, err: unknown, topic: string)
   return new RelayError('subscription-failure', `${scheme}: ${what}: ${messageOf(err)}`, { topic, cause: err });
 }
 
-interface SnsEntry {
-  listeners: Set<SubscriptionListener>;
-  ready: Promise<void>;
+interface SnsEntry extends TopicEntry {
   topicArn: string;
   subscriptionArn: string;
 }
@@ -223,7 +221,7 @@ export class AwsSnsBroker implements Broker {
   queueName = '';
   queueUrl = '';
   queueArn = '';
-  private readonly entries = new Map<string, SnsEntry>();
+  private readonly entries = new TopicEntries<SnsEntry>();
   private readonly topicArns = new Map<string, Promise<string>>();
   private readonly reader: QueueReader;
   private closing: Promise<void> | undefined;
@@ -267,34 +265,12 @@ export class AwsSnsBroker implements Broker {
 
   async subscribe(topic: string, listener: SubscriptionListener): Promise<BrokerSubscription> {
     this.check(topic);
-    let entry = this.entries.get(topic);
-    if (entry === undefined) {
-      const fresh: SnsEntry = { listeners: new Set(), ready: Promise.resolve(), topicArn: '', subscriptionArn: '' };
-      fresh.ready = this.attach(topic, fresh);
-      this.entries.set(topic, (entry = fresh));
-      fresh.ready.catch(() => {
-        if (this.entries.get(topic) === fresh) this.entries.delete(topic);
-      });
-    }
-    entry.listeners.add(listener);
-    try {
-      await entry.ready;
-    } catch (err) {
-      entry.listeners.delete(listener);
-      throw err instanceof RelayError ? err : topicFailure('awssns', `cannot subscribe to SNS topic ${JSON.stringify(topic)}`, err, topic);
-    }
-    const current = entry;
-    let open = true;
-    return {
-      close: async () => {
-        if (!open) return;
-        open = false;
-        current.listeners.delete(listener);
-        if (current.listeners.size > 0 || this.entries.get(topic) !== current) return;
-        this.entries.delete(topic);
-        await this.detach(current);
-      },
-    };
+    return this.entries.join(topic, listener, {
+      create: () => ({ listeners: new Set(), ready: Promise.resolve(), topicArn: '', subscriptionArn: '' }),
+      start: (entry) => this.attach(topic, entry),
+      failure: (err) => topicFailure('awssns', `cannot subscribe to SNS topic ${JSON.stringify(topic)}`, err, topic),
+      dispose: (entry) => this.detach(entry),
+    });
   }
 
   async publish(topic: string, body: Uint8Array): Promise<void> {
@@ -322,9 +298,7 @@ export class AwsSnsBroker implements Broker {
   close(): Promise<void> {
     this.closing ??= (async () => {
       await this.reader.stop();
-      const entries = [...this.entries.values()];
-      this.entries.clear();
-      await Promise.all(entries.map((entry) => entry.ready.then(() => this.detach(entry), () => {})));
+      await this.entries.disposeAll((entry) => this.detach(entry));
       await this.sqs.send(new this.sqsModule.DeleteQueueCommand({ QueueUrl: this.queueUrl })).catch((err: unknown) => {
         this.log('warn', 'could not delete the SQS queue', { queue: this.queueUrl, error: messageOf(err) });
       });
@@ -417,14 +391,12 @@ export class AwsSnsBroker implements Broker {
   private lost(err: unknown): void {
     if (this.closing !== undefined) return;
     this.log('warn', 'lost the SQS queue of awssns://; retrying', { queue: this.queueName, error: messageOf(err) });
-    for (const [topic, entry] of this.entries) {
-      for (const listener of entry.listeners) listener.error(topicFailure('awssns', 'lost the SQS queue; retrying', err, topic));
-    }
+    this.entries.failAll((topic) => topicFailure('awssns', 'lost the SQS queue; retrying', err, topic));
   }
 
   private restored(): void {
     this.log('info', 'awssns:// delivery restored', { queue: this.queueName });
-    for (const entry of this.entries.values()) for (const listener of entry.listeners) listener.recovered();
+    this.entries.recoverAll();
   }
 
   private check(topic: string): void {

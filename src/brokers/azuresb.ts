@@ -2,6 +2,8 @@ import { randomBytes } from 'node:crypto';
 import { RelayError } from '../errors.ts';
 import { importPeer } from './broker.ts';
 import type { Broker, BrokerOpener, BrokerOptions, BrokerSubscription, SubscriptionListener } from './broker.ts';
+import { restore, TopicEntries } from './topic-entries.ts';
+import type { RestorableEntry } from './topic-entries.ts';
 
 /**
  * Azure Service Bus: `azuresb://<namespace>` (`<namespace>.servicebus.windows.net`, or a full
@@ -68,7 +70,6 @@ interface IdentityModule {
 // Service Bus's shortest auto-delete-on-idle interval.
 export const AUTO_DELETE_ON_IDLE = 'PT5M';
 const MAX_TOPIC_LENGTH = 260;
-const RETRY_MAX_MS = 10_000;
 const OPTIONS = ['create_topics'];
 // Codes (ServiceBusError, and RestError's for a failed request) that mean the namespace did not answer.
 const CONNECTIVITY_CODES = ['ServiceCommunicationProblem', 'ServiceTimeout', 'ServiceBusy', 'REQUEST_SEND_ERROR'];
@@ -175,23 +176,18 @@ export function bodyBytes(body: unknown): Uint8Array {
   return Buffer.from(JSON.stringify(body) ?? '', 'utf8');
 }
 
-interface Entry {
+interface Entry extends RestorableEntry {
   topic: string;
   name: string;
-  listeners: Set<SubscriptionListener>;
-  ready: Promise<void>;
   receiver: SbReceiver | undefined;
   handle: { close(): Promise<void> } | undefined;
-  failed: boolean;
-  recovering: boolean;
-  closed: boolean;
 }
 
 export class AzureSbBroker implements Broker {
   readonly scheme = 'azuresb';
   /** Part of every subscription name this instance creates (`livepipe-<instanceId>-<n>`, at most 50 characters). */
   readonly instanceId = randomBytes(6).toString('hex');
-  private readonly entries = new Map<string, Entry>();
+  private readonly entries = new TopicEntries<Entry>();
   private readonly senders = new Map<string, SbSender>();
   private seq = 0;
   /** False after a call failed for want of a connection, until one succeeds (for isConnected). */
@@ -225,9 +221,8 @@ export class AzureSbBroker implements Broker {
 
   async subscribe(topic: string, listener: SubscriptionListener): Promise<BrokerSubscription> {
     this.check(topic);
-    let entry = this.entries.get(topic);
-    if (entry === undefined) {
-      const fresh: Entry = {
+    return this.entries.join(topic, listener, {
+      create: () => ({
         topic,
         name: `livepipe-${this.instanceId}-${++this.seq}`,
         listeners: new Set(),
@@ -237,33 +232,11 @@ export class AzureSbBroker implements Broker {
         failed: false,
         recovering: false,
         closed: false,
-      };
-      fresh.ready = this.ensure(fresh).then(() => this.listen(fresh));
-      this.entries.set(topic, (entry = fresh));
-      fresh.ready.catch(() => {
-        if (this.entries.get(topic) === fresh) this.entries.delete(topic);
-      });
-    }
-    entry.listeners.add(listener);
-    try {
-      await entry.ready;
-    } catch (err) {
-      entry.listeners.delete(listener);
-      if (err instanceof RelayError) throw err;
-      throw new RelayError('subscription-failure', `cannot subscribe to Service Bus topic ${JSON.stringify(topic)}: ${describeServiceBusError(err)}`, { topic, cause: err });
-    }
-    const current = entry;
-    let open = true;
-    return {
-      close: async () => {
-        if (!open) return;
-        open = false;
-        current.listeners.delete(listener);
-        if (current.listeners.size > 0 || this.entries.get(topic) !== current) return;
-        this.entries.delete(topic);
-        await this.dispose(current);
-      },
-    };
+      }),
+      start: (entry) => this.ensure(entry).then(() => this.listen(entry)),
+      failure: (err) => new RelayError('subscription-failure', `cannot subscribe to Service Bus topic ${JSON.stringify(topic)}: ${describeServiceBusError(err)}`, { topic, cause: err }),
+      dispose: (entry) => this.dispose(entry),
+    });
   }
 
   async publish(topic: string, body: Uint8Array): Promise<void> {
@@ -298,9 +271,7 @@ export class AzureSbBroker implements Broker {
 
   close(): Promise<void> {
     this.closing ??= (async () => {
-      const entries = [...this.entries.values()];
-      this.entries.clear();
-      await Promise.all(entries.map((entry) => entry.ready.then(() => this.dispose(entry), () => {})));
+      await this.entries.disposeAll((entry) => this.dispose(entry));
       await Promise.all([...this.senders.values()].map((s) => s.close().catch(() => {})));
       this.senders.clear();
       await this.client.close().catch(() => {});
@@ -372,31 +343,23 @@ export class AzureSbBroker implements Broker {
     void this.recover(entry);
   }
 
-  private async recover(entry: Entry): Promise<void> {
-    if (entry.recovering) return;
-    entry.recovering = true;
-    try {
-      for (let attempt = 1; !entry.closed && this.closing === undefined; attempt++) {
-        try {
-          // Gone when auto-deleted (idle during a long outage) or deleted by someone: recreate it.
-          if (!(await this.admin.subscriptionExists(entry.topic, entry.name))) await this.ensure(entry);
-        } catch (err) {
-          this.noteFailure(err);
-          this.log('warn', 'Service Bus subscription not restored yet; retrying', { topic: entry.topic, error: messageOf(err), attempt });
-          await new Promise((resolve) => setTimeout(resolve, Math.min(250 * 2 ** attempt, RETRY_MAX_MS)));
-          continue;
-        }
-        if (entry.closed) {
-          await this.admin.deleteSubscription(entry.topic, entry.name).catch(() => {});
-          return;
-        }
+  private recover(entry: Entry): Promise<void> {
+    return restore(entry, {
+      stopped: () => this.closing !== undefined,
+      repair: async () => {
+        // Gone when auto-deleted (idle during a long outage) or deleted by someone: recreate it.
+        if (!(await this.admin.subscriptionExists(entry.topic, entry.name))) await this.ensure(entry);
+      },
+      retrying: (err, attempt) => {
+        this.noteFailure(err);
+        this.log('warn', 'Service Bus subscription not restored yet; retrying', { topic: entry.topic, error: messageOf(err), attempt });
+      },
+      discard: () => this.admin.deleteSubscription(entry.topic, entry.name).catch(() => {}),
+      resume: () => {
         this.listen(entry);
         this.recovered(entry);
-        return;
-      }
-    } finally {
-      entry.recovering = false;
-    }
+      },
+    });
   }
 
   private noteFailure(err: unknown): void {

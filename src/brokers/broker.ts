@@ -96,3 +96,10 @@ export async function importPeer<T>(pkg: string, scheme: string): Promise<T> {
     throw err;
   }
 }
+
+const RETRY_MAX_MS = 10_000;
+
+/** Waits before retry number `attempt` (from 1) of a failed broker call: 500 ms, doubling, at most 10 s. */
+export function backoff(attempt: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, Math.min(250 * 2 ** attempt, RETRY_MAX_MS)));
+}

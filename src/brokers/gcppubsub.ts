@@ -3,6 +3,8 @@ import type { Message, PubSub, Subscription, Topic } from '@google-cloud/pubsub'
 import { RelayError } from '../errors.ts';
 import { importPeer } from './broker.ts';
 import type { Broker, BrokerOpener, BrokerOptions, BrokerSubscription, SubscriptionListener } from './broker.ts';
+import { restore, TopicEntries } from './topic-entries.ts';
+import type { RestorableEntry } from './topic-entries.ts';
 
 /**
  * Google Cloud Pub/Sub: `gcppubsub://<project>` (the Go CDK's scheme). Credentials come from
@@ -34,7 +36,6 @@ type PubSubModule = typeof import('@google-cloud/pubsub');
 const EXPIRATION_TTL_S = 24 * 60 * 60;
 const RETENTION_S = 10 * 60;
 const RPC_TIMEOUT_MS = 10_000;
-const RETRY_MAX_MS = 10_000;
 const OPTIONS = ['create_topics'];
 // gRPC status codes (google-gax re-exports them only as a value import).
 const NOT_FOUND = 5;
@@ -69,26 +70,19 @@ export function parseGcpPubSubUrl(url: URL): { projectId: string; createTopics: 
 const codeOf = (err: unknown): number | undefined => (err as { code?: unknown }).code as number | undefined;
 const messageOf = (err: unknown): string => (err instanceof Error ? err.message : String(err));
 
-interface Entry {
+interface Entry extends RestorableEntry {
   topic: string;
   /** The subscription id, fixed for the life of the entry (recreated under the same id). */
   name: string;
-  listeners: Set<SubscriptionListener>;
-  /** Settles once the subscription exists and is being read (or failed to). */
-  ready: Promise<void>;
   sub: Subscription | undefined;
-  /** Reported with listener.error and not recovered yet. */
-  failed: boolean;
-  recovering: boolean;
   probing: boolean;
-  closed: boolean;
 }
 
 export class GcpPubSubBroker implements Broker {
   readonly scheme = 'gcppubsub';
   /** Part of every subscription id this instance creates (`livepipe-<instanceId>-<n>`). */
   readonly instanceId = randomBytes(6).toString('hex');
-  private readonly entries = new Map<string, Entry>();
+  private readonly entries = new TopicEntries<Entry>();
   private readonly publishers = new Map<string, Topic>();
   private seq = 0;
   /** False after a call failed for want of a connection, until a call succeeds (for isConnected). */
@@ -121,9 +115,8 @@ export class GcpPubSubBroker implements Broker {
 
   async subscribe(topic: string, listener: SubscriptionListener): Promise<BrokerSubscription> {
     this.check(topic);
-    let entry = this.entries.get(topic);
-    if (entry === undefined) {
-      const fresh: Entry = {
+    return this.entries.join(topic, listener, {
+      create: () => ({
         topic,
         name: `livepipe-${this.instanceId}-${++this.seq}`,
         listeners: new Set(),
@@ -133,33 +126,12 @@ export class GcpPubSubBroker implements Broker {
         recovering: false,
         probing: false,
         closed: false,
-      };
-      fresh.ready = this.ensure(fresh).then(() => this.listen(fresh));
-      this.entries.set(topic, (entry = fresh));
-      fresh.ready.catch(() => {
-        if (this.entries.get(topic) === fresh) this.entries.delete(topic);
-      });
-    }
-    entry.listeners.add(listener);
-    try {
-      await entry.ready;
-    } catch (err) {
-      entry.listeners.delete(listener);
-      if (err instanceof RelayError) throw err;
-      throw new RelayError('subscription-failure', `cannot subscribe to Pub/Sub topic ${JSON.stringify(topic)}: ${messageOf(err)}`, { topic, cause: err });
-    }
-    const current = entry;
-    let open = true;
-    return {
-      close: async () => {
-        if (!open) return;
-        open = false;
-        current.listeners.delete(listener);
-        if (current.listeners.size > 0 || this.entries.get(topic) !== current) return;
-        this.entries.delete(topic);
-        await this.dispose(current);
-      },
-    };
+      }),
+      // Settles once the subscription exists and is being read (or failed to).
+      start: (entry) => this.ensure(entry).then(() => this.listen(entry)),
+      failure: (err) => new RelayError('subscription-failure', `cannot subscribe to Pub/Sub topic ${JSON.stringify(topic)}: ${messageOf(err)}`, { topic, cause: err }),
+      dispose: (entry) => this.dispose(entry),
+    });
   }
 
   async publish(topic: string, body: Uint8Array): Promise<void> {
@@ -196,9 +168,7 @@ export class GcpPubSubBroker implements Broker {
 
   close(): Promise<void> {
     this.closing ??= (async () => {
-      const entries = [...this.entries.values()];
-      this.entries.clear();
-      await Promise.all(entries.map((entry) => entry.ready.then(() => this.dispose(entry), () => {})));
+      await this.entries.disposeAll((entry) => this.dispose(entry));
       await Promise.all([...this.publishers.values()].map((t) => t.flush().catch(() => {})));
       this.publishers.clear();
       await this.pubsub.close().catch(() => {});
@@ -291,36 +261,28 @@ export class GcpPubSubBroker implements Broker {
     void this.recover(entry);
   }
 
-  private async recover(entry: Entry): Promise<void> {
-    if (entry.recovering) return;
-    entry.recovering = true;
-    try {
-      for (let attempt = 1; !entry.closed && this.closing === undefined; attempt++) {
+  private recover(entry: Entry): Promise<void> {
+    return restore(entry, {
+      stopped: () => this.closing !== undefined,
+      repair: async () => {
         try {
           await this.pubsub.subscription(entry.name).getMetadata({ timeout: 5000 });
         } catch (err) {
-          try {
-            if (codeOf(err) !== NOT_FOUND) throw err;
-            await this.ensure(entry);
-          } catch (again) {
-            this.noteFailure(again);
-            this.log('warn', 'Pub/Sub subscription not restored yet; retrying', { topic: entry.topic, error: messageOf(again), attempt });
-            await new Promise((resolve) => setTimeout(resolve, Math.min(250 * 2 ** attempt, RETRY_MAX_MS)));
-            continue;
-          }
+          if (codeOf(err) !== NOT_FOUND) throw err;
+          await this.ensure(entry);
         }
-        if (entry.closed) {
-          // close() ran meanwhile and may have deleted it before ensure() recreated it.
-          await this.pubsub.subscription(entry.name).delete({ timeout: RPC_TIMEOUT_MS }).catch(() => {});
-          return;
-        }
+      },
+      retrying: (err, attempt) => {
+        this.noteFailure(err);
+        this.log('warn', 'Pub/Sub subscription not restored yet; retrying', { topic: entry.topic, error: messageOf(err), attempt });
+      },
+      // close() ran meanwhile and may have deleted it before ensure() recreated it.
+      discard: () => this.pubsub.subscription(entry.name).delete({ timeout: RPC_TIMEOUT_MS }).catch(() => {}),
+      resume: () => {
         this.listen(entry);
         this.recovered(entry);
-        return;
-      }
-    } finally {
-      entry.recovering = false;
-    }
+      },
+    });
   }
 
   private noteFailure(err: unknown): void {

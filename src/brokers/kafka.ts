@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import type { Admin, ClusterTopicMetadata, Consumer, Producer } from '@platformatic/kafka';
 import { RelayError } from '../errors.ts';
-import { importPeer } from './broker.ts';
+import { backoff, importPeer } from './broker.ts';
 import type { Broker, BrokerOpener, BrokerOptions, BrokerSubscription, SubscriptionListener } from './broker.ts';
 
 /**
@@ -35,7 +35,6 @@ type FetchRequestTopic = Parameters<Consumer['fetch']>[0]['topics'][number];
 const TOPIC_NAME = /^[a-zA-Z0-9._-]{1,249}$/;
 const LONG_POLL_MS = 500;
 const PARTITION_MAX_BYTES = 1024 * 1024; // a soft limit: Kafka always returns at least one whole batch
-const RETRY_MAX_MS = 10_000;
 const OFFSET_OUT_OF_RANGE = 1;
 const UNKNOWN_TOPIC = [3, 100]; // UNKNOWN_TOPIC_OR_PARTITION, UNKNOWN_TOPIC_ID
 
@@ -222,7 +221,7 @@ export class KafkaBroker implements Broker {
       } catch (err) {
         if (this.closing !== undefined) break;
         this.lose(`Kafka fetch failed (${innermostMessage(err)}); retrying`);
-        await new Promise((resolve) => setTimeout(resolve, Math.min(250 * 2 ** ++failures, RETRY_MAX_MS)));
+        await backoff(++failures);
       }
     }
   }

@@ -2,6 +2,8 @@ import { randomBytes } from 'node:crypto';
 import { RelayError } from '../errors.ts';
 import { importPeer } from './broker.ts';
 import type { Broker, BrokerOpener, BrokerOptions, BrokerSubscription, SubscriptionListener } from './broker.ts';
+import { TopicEntries } from './topic-entries.ts';
+import type { TopicEntry } from './topic-entries.ts';
 import type * as Mqtt from 'mqtt';
 
 /**
@@ -25,12 +27,6 @@ import type * as Mqtt from 'mqtt';
 const OPTIONS = ['protocol'];
 const VERSIONS: Record<string, 4 | 5> = { '5': 5, '3.1.1': 4 };
 
-interface Topic {
-  listeners: Set<SubscriptionListener>;
-  /** Settles once the broker has answered the SUBSCRIBE. */
-  ready: Promise<void>;
-}
-
 /** Why `topic` is not an MQTT topic name this driver may use, or undefined. */
 export function mqttTopicProblem(topic: string): string | undefined {
   if (/[+#]/.test(topic)) return 'an MQTT topic must not contain + or # (wildcards would widen the subscription)';
@@ -46,7 +42,8 @@ export class MqttBroker implements Broker {
   readonly clientId: string;
   private readonly client: Mqtt.MqttClient;
   private readonly log: BrokerOptions['log'];
-  private readonly topics = new Map<string, Topic>();
+  /** A topic's `ready` settles once the broker has answered the SUBSCRIBE. */
+  private readonly topics = new TopicEntries<TopicEntry>();
   private outage = false;
   private lastError = '';
   private closed = false;
@@ -71,33 +68,21 @@ export class MqttBroker implements Broker {
 
   async subscribe(topic: string, listener: SubscriptionListener): Promise<BrokerSubscription> {
     this.assertUsable(topic, 'subscription-failure');
-    let entry = this.topics.get(topic);
-    if (entry === undefined) {
-      const created: Topic = { listeners: new Set(), ready: Promise.resolve() };
-      created.ready = this.client.subscribeAsync(topic, { qos: 1 }).then(
+    const subscription = await this.topics.joinWhenReady(topic, listener, {
+      create: () => ({ listeners: new Set(), ready: Promise.resolve() }),
+      start: () => this.client.subscribeAsync(topic, { qos: 1 }).then(
         () => {},
         (err: unknown) => {
-          if (this.topics.get(topic) === created) this.topics.delete(topic);
           throw new RelayError('subscription-failure', `the MQTT broker refused the subscription to ${topic}: ${(err as Error).message}`, { topic, cause: err });
         },
-      );
-      this.topics.set(topic, (entry = created));
-    }
-    await entry.ready;
+      ),
+      release: async () => {
+        // While disconnected the broker holds nothing (clean session), and the topic is no longer re-subscribed.
+        if (this.client.connected) await this.client.unsubscribeAsync(topic).catch(() => {});
+      },
+    });
     // The topic's last other subscriber may have left meanwhile: start over.
-    if (this.topics.get(topic) !== entry) return this.subscribe(topic, listener);
-    entry.listeners.add(listener);
-    const held = entry;
-    let closing: Promise<void> | undefined;
-    return { close: () => (closing ??= this.release(topic, held, listener)) };
-  }
-
-  private async release(topic: string, entry: Topic, listener: SubscriptionListener): Promise<void> {
-    entry.listeners.delete(listener);
-    if (entry.listeners.size > 0 || this.topics.get(topic) !== entry) return;
-    this.topics.delete(topic);
-    // While disconnected the broker holds nothing (clean session), and the topic is no longer re-subscribed.
-    if (this.client.connected) await this.client.unsubscribeAsync(topic).catch(() => {});
+    return subscription ?? this.subscribe(topic, listener);
   }
 
   async publish(topic: string, body: Uint8Array): Promise<void> {
@@ -133,9 +118,7 @@ export class MqttBroker implements Broker {
     this.outage = true;
     const message = `lost the connection to the MQTT broker${this.lastError ? ` (${this.lastError})` : ''}; reconnecting`;
     this.log?.('warn', message);
-    for (const [topic, entry] of this.topics) {
-      for (const l of entry.listeners) l.error(new RelayError('subscription-failure', message, { topic }));
-    }
+    this.topics.failAll((topic) => new RelayError('subscription-failure', message, { topic }));
   }
 
   /** After a reconnect the clean session holds nothing: subscribe every topic again, then report. */
@@ -153,7 +136,7 @@ export class MqttBroker implements Broker {
     this.outage = false;
     this.log?.('info', 'reconnected to the MQTT broker');
     // Topics subscribed since the reconnect never failed.
-    for (const [topic, entry] of this.topics) if (topics.has(topic)) for (const l of entry.listeners) l.recovered();
+    this.topics.recoverAll((topic) => topics.has(topic));
   }
 }
 

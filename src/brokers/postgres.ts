@@ -2,7 +2,7 @@ import { isUtf8 } from 'node:buffer';
 import { randomBytes } from 'node:crypto';
 import type { Client, ClientConfig, Notification, Pool } from 'pg';
 import { RelayError } from '../errors.ts';
-import { importPeer } from './broker.ts';
+import { backoff, importPeer } from './broker.ts';
 import type { Broker, BrokerOpener, BrokerOptions, BrokerSubscription, SubscriptionListener } from './broker.ts';
 
 /**
@@ -33,7 +33,6 @@ const MAX_PAYLOAD_BYTES = 7999;
 const BINARY_MARKER = '\u0001base64:';
 /** The largest body that fits once base64-encoded behind the marker. */
 export const MAX_BINARY_BODY_BYTES = Math.floor((MAX_PAYLOAD_BYTES - BINARY_MARKER.length) / 4) * 3;
-const RETRY_MAX_MS = 10_000;
 
 export function postgresTopicProblem(topic: string): string | undefined {
   const bytes = Buffer.byteLength(topic, 'utf8');
@@ -193,7 +192,7 @@ export class PostgresBroker implements Broker {
 
   private async recover(): Promise<void> {
     for (let attempt = 1; this.closing === undefined; attempt++) {
-      await new Promise((resolve) => setTimeout(resolve, Math.min(250 * 2 ** attempt, RETRY_MAX_MS)));
+      await backoff(attempt);
       if (this.closing !== undefined) return;
       try {
         const client = await this.connect();

@@ -2,6 +2,8 @@ import { randomBytes } from 'node:crypto';
 import { RelayError } from '../errors.ts';
 import { importPeer } from './broker.ts';
 import type { Broker, BrokerOpener, BrokerOptions, BrokerSubscription, SubscriptionListener } from './broker.ts';
+import { TopicEntries } from './topic-entries.ts';
+import type { TopicEntry } from './topic-entries.ts';
 import type * as IORedis from 'ioredis';
 
 /**
@@ -29,10 +31,8 @@ const BATCH = 100;
 
 type Redis = IORedis.Redis;
 
-interface Topic {
-  listeners: Set<SubscriptionListener>;
-  /** Settles once the broker delivers this topic (SUBSCRIBE answered, or stream position taken). */
-  ready: Promise<void>;
+/** `ready` settles once the broker delivers this topic (SUBSCRIBE answered, or stream position taken). */
+interface Topic extends TopicEntry {
   /** Streams mode: the id of the last entry delivered (at first, of the last one before subscribing). */
   position: string | undefined;
 }
@@ -47,7 +47,7 @@ export class RedisBroker implements Broker {
   /** Streams mode when defined: the approximate MAXLEN of XADD. */
   private readonly maxlen: number | undefined;
   private readonly log: BrokerOptions['log'];
-  private readonly topics = new Map<string, Topic>();
+  private readonly topics = new TopicEntries<Topic>();
   private outage = false;
   private lastError = '';
   private closed = false;
@@ -82,22 +82,15 @@ export class RedisBroker implements Broker {
 
   async subscribe(topic: string, listener: SubscriptionListener): Promise<BrokerSubscription> {
     this.assertUsable(topic, 'subscription-failure');
-    let entry = this.topics.get(topic);
-    if (entry === undefined) {
-      const created: Topic = { listeners: new Set(), ready: Promise.resolve(), position: undefined };
-      created.ready = this.start(topic, created).catch((err: unknown) => {
-        if (this.topics.get(topic) === created) this.topics.delete(topic);
+    const subscription = await this.topics.joinWhenReady(topic, listener, {
+      create: () => ({ listeners: new Set(), ready: Promise.resolve(), position: undefined }),
+      start: (entry) => this.start(topic, entry).catch((err: unknown) => {
         throw err instanceof RelayError ? err : new RelayError('subscription-failure', `could not subscribe to ${topic} on Redis: ${(err as Error).message}`, { topic, cause: err });
-      });
-      this.topics.set(topic, (entry = created));
-    }
-    await entry.ready;
+      }),
+      release: () => this.release(topic),
+    });
     // The topic's last other subscriber may have left meanwhile: start over.
-    if (this.topics.get(topic) !== entry) return this.subscribe(topic, listener);
-    entry.listeners.add(listener);
-    const held = entry;
-    let closing: Promise<void> | undefined;
-    return { close: () => (closing ??= this.release(topic, held, listener)) };
+    return subscription ?? this.subscribe(topic, listener);
   }
 
   private async start(topic: string, entry: Topic): Promise<void> {
@@ -115,10 +108,8 @@ export class RedisBroker implements Broker {
     this.wake?.();
   }
 
-  private async release(topic: string, entry: Topic, listener: SubscriptionListener): Promise<void> {
-    entry.listeners.delete(listener);
-    if (entry.listeners.size > 0 || this.topics.get(topic) !== entry) return;
-    this.topics.delete(topic);
+  /** The topic's last listener left. */
+  private async release(topic: string): Promise<void> {
     if (this.maxlen !== undefined || this.closed) return;
     // During an outage the server holds no subscription; the command then waits for the reconnect.
     const done = this.receiver.unsubscribe(topic);
@@ -160,9 +151,7 @@ export class RedisBroker implements Broker {
     this.outage = true;
     const message = `lost the connection to Redis${this.lastError ? ` (${this.lastError})` : ''}; reconnecting`;
     this.log?.('warn', message);
-    for (const [topic, entry] of this.topics) {
-      for (const l of entry.listeners) l.error(new RelayError('subscription-failure', message, { topic }));
-    }
+    this.topics.failAll((topic) => new RelayError('subscription-failure', message, { topic }));
   }
 
   private endOutage(): void {
@@ -176,7 +165,7 @@ export class RedisBroker implements Broker {
       if (!this.outage || this.receiver.status !== 'ready') return;
       this.outage = false;
       this.log?.('info', 'reconnected to Redis');
-      for (const entry of this.topics.values()) for (const l of entry.listeners) l.recovered();
+      this.topics.recoverAll();
     }, () => {});
   }
 

@@ -5,6 +5,7 @@ import { fileURLToPath } from 'node:url';
 
 const run = promisify(execFile);
 const BROKERS_SCRIPT = fileURLToPath(new URL('../../scripts/brokers.sh', import.meta.url));
+const EMULATORS_SCRIPT = fileURLToPath(new URL('../../scripts/cloud-emulators.sh', import.meta.url));
 
 /** Why a broker server cannot be reached at host:port, or undefined when it answers. */
 export function unreachable(name: string, host: string, port: number, timeoutMs = 1500): Promise<string | undefined> {
@@ -24,6 +25,12 @@ export function unreachable(name: string, host: string, port: number, timeoutMs 
 export async function restartBroker(name: string): Promise<void> {
   await run('bash', [BROKERS_SCRIPT, 'down', name], { timeout: 120_000 });
   await run('bash', [BROKERS_SCRIPT, 'up', name], { timeout: 180_000 });
+}
+
+/** Restarts one cloud emulator through scripts/cloud-emulators.sh; being in memory, it loses every resource. */
+export async function restartEmulator(name: string): Promise<void> {
+  await run('bash', [EMULATORS_SCRIPT, 'down', name], { timeout: 60_000 });
+  await run('bash', [EMULATORS_SCRIPT, 'up', name], { timeout: 300_000 });
 }
 
 /**

@@ -1,16 +1,12 @@
 import { describe, it, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { execFile } from 'node:child_process';
-import { promisify } from 'node:util';
-import { fileURLToPath } from 'node:url';
 import { SNSClient, CreateTopicCommand, PublishCommand, ListSubscriptionsByTopicCommand } from '@aws-sdk/client-sns';
 import { SQSClient, CreateQueueCommand, DeleteQueueCommand, GetQueueAttributesCommand, ListQueuesCommand, SendMessageCommand } from '@aws-sdk/client-sqs';
-import { describeConformance, Collector } from './conformance.ts';
-import { unreachable } from './availability.ts';
+import { describeConformance, Collector, rejectsWith } from './conformance.ts';
+import { restartEmulator, unreachable } from './availability.ts';
 import { openBroker } from '../../src/brokers/index.ts';
 import { AwsSnsBroker, AwsSqsBroker, encodeBody, parseAwsUrl } from '../../src/brokers/aws.ts';
-import { RelayError } from '../../src/errors.ts';
 
 // moto in server mode (scripts/cloud-emulators.sh up moto) stands in for SNS and SQS.
 const ENDPOINT = process.env.LIVEPIPE_AWS_ENDPOINT ?? 'http://127.0.0.1:4566';
@@ -24,8 +20,6 @@ const down = await unreachable('moto (SNS/SQS)', endpoint.hostname, Number(endpo
 const unavailable = down && `${down}; start it with: scripts/cloud-emulators.sh up moto`;
 const QUERY = `endpoint=${encodeURIComponent(ENDPOINT)}&region=${REGION}`;
 const SNS_URL = `awssns://?${QUERY}`;
-const EMULATORS = fileURLToPath(new URL('../../scripts/cloud-emulators.sh', import.meta.url));
-const run = promisify(execFile);
 
 // The AWS SDK used directly: it knows nothing of the driver.
 const sdk = { endpoint: ENDPOINT, region: REGION };
@@ -70,8 +64,6 @@ async function snsLeftovers(queueName: string, queueArn: string, topics: string[
   return left;
 }
 
-const rejectsWith = (code: string, pattern: RegExp) => (err: unknown) => err instanceof RelayError && err.code === code && pattern.test(err.message);
-
 describeConformance({
   name: 'awssns (moto)',
   unavailable,
@@ -89,10 +81,7 @@ describeConformance({
     return snsLeftovers(broker.queueName, broker.queueArn, topics);
   },
   // moto keeps everything in memory: the restart loses the queue and topics, which the driver recreates.
-  async restartServer() {
-    await run('bash', [EMULATORS, 'down', 'moto'], { timeout: 60_000 });
-    await run('bash', [EMULATORS, 'up', 'moto'], { timeout: 300_000 });
-  },
+  restartServer: () => restartEmulator('moto'),
 });
 
 describe('awssns driver', { skip: unavailable }, () => {

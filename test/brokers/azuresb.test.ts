@@ -7,7 +7,7 @@
  */
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { Collector } from './conformance.ts';
+import { Collector, rejectsWith } from './conformance.ts';
 import { openBroker } from '../../src/brokers/index.ts';
 import {
   AzureSbBroker,
@@ -158,7 +158,6 @@ async function fakeBroker(createTopics = true) {
   return { sb, broker };
 }
 
-const rejectsWith = (code: string, pattern: RegExp) => (err: unknown) => err instanceof RelayError && err.code === code && pattern.test(err.message);
 const until = async (predicate: () => boolean, what: string) => {
   for (let i = 0; i < 200 && !predicate(); i++) await new Promise((r) => setTimeout(r, 10));
   assert.ok(predicate(), what);

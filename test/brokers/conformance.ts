@@ -7,6 +7,7 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import type { Broker, BrokerSubscription, SubscriptionListener } from '../../src/brokers/broker.ts';
 import { RelayError } from '../../src/errors.ts';
+import { Waiter } from '../support/wait.ts';
 
 export interface ConformanceHarness {
   /** Suite title, e.g. `nats (core)`. */
@@ -52,21 +53,21 @@ export class Collector implements SubscriptionListener {
   readonly bodies: Buffer[] = [];
   readonly errors: RelayError[] = [];
   recoveries = 0;
-  private waiters: Array<() => void> = [];
+  private readonly waiter = new Waiter();
 
   message(body: Uint8Array): void {
     this.bodies.push(Buffer.from(body));
-    this.wake();
+    this.waiter.wake();
   }
 
   error(error: RelayError): void {
     this.errors.push(error);
-    this.wake();
+    this.waiter.wake();
   }
 
   recovered(): void {
     this.recoveries++;
-    this.wake();
+    this.waiter.wake();
   }
 
   texts(): string[] {
@@ -74,31 +75,25 @@ export class Collector implements SubscriptionListener {
   }
 
   /** Resolves when `predicate` holds, or rejects after `ms` with what was seen. */
-  async until(predicate: () => boolean, ms = 10_000, what = 'condition'): Promise<void> {
-    const deadline = Date.now() + ms;
-    while (!predicate()) {
-      const left = deadline - Date.now();
-      if (left <= 0) {
-        throw new Error(`timed out waiting for ${what}; got ${this.bodies.length} messages, ${this.errors.length} errors, ${this.recoveries} recoveries`);
-      }
-      await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, Math.min(left, 200));
-        this.waiters.push(() => {
-          clearTimeout(timer);
-          resolve();
-        });
-      });
-    }
-  }
-
-  private wake(): void {
-    const waiters = this.waiters;
-    this.waiters = [];
-    for (const w of waiters) w();
+  until(predicate: () => boolean, ms = 10_000, what = 'condition'): Promise<void> {
+    const timedOut = () => new Error(`timed out waiting for ${what}; got ${this.bodies.length} messages, ${this.errors.length} errors, ${this.recoveries} recoveries`);
+    return this.waiter.until(predicate, ms, timedOut, 200);
   }
 }
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+/** Subscribes a new Collector to each of `topics`, all at once; the collectors in the same order. */
+export function subscribeAll(broker: Broker, topics: string[]): Promise<Collector[]> {
+  return Promise.all(topics.map(async (topic) => {
+    const c = new Collector();
+    await broker.subscribe(topic, c);
+    return c;
+  }));
+}
+
+/** An assert.rejects / assert.throws check: a RelayError with `code` whose message matches `pattern`. */
+export const rejectsWith = (code: string, pattern: RegExp) => (err: unknown) => err instanceof RelayError && err.code === code && pattern.test(err.message);
+
+export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 export function describeConformance(h: ConformanceHarness): void {
   if (h.unavailable !== undefined) {

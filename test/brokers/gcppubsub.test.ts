@@ -1,15 +1,11 @@
 import { describe, it, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
-import { promisify } from 'node:util';
-import { fileURLToPath } from 'node:url';
 import { PubSub } from '@google-cloud/pubsub';
 import type { Topic } from '@google-cloud/pubsub';
-import { describeConformance, Collector, freshTopic } from './conformance.ts';
-import { unreachable } from './availability.ts';
+import { describeConformance, Collector, freshTopic, rejectsWith, subscribeAll } from './conformance.ts';
+import { restartEmulator, unreachable } from './availability.ts';
 import { openBroker } from '../../src/brokers/index.ts';
 import { GcpPubSubBroker, parseGcpPubSubUrl } from '../../src/brokers/gcppubsub.ts';
-import { RelayError } from '../../src/errors.ts';
 
 // Google's in-memory Pub/Sub server (scripts/pubsub-emulator), started by scripts/cloud-emulators.sh.
 process.env.PUBSUB_EMULATOR_HOST ??= '127.0.0.1:8085';
@@ -19,8 +15,6 @@ const [host, port] = process.env.PUBSUB_EMULATOR_HOST.split(':') as [string, str
 const unavailable = await unreachable('the Pub/Sub emulator', host, Number(port));
 const PROJECT = 'livepipe-test';
 const URL_ = `gcppubsub://${PROJECT}`;
-const EMULATORS = fileURLToPath(new URL('../../scripts/cloud-emulators.sh', import.meta.url));
-const run = promisify(execFile);
 
 // Google's own client, used directly: it knows nothing of the driver.
 const raw = new PubSub({ projectId: PROJECT });
@@ -39,8 +33,6 @@ async function subscriptionsOf(instanceId: string): Promise<string[]> {
   return subs.map((s) => s.name.split('/').pop()!).filter((name) => name.startsWith(`livepipe-${instanceId}-`));
 }
 
-const rejectsWith = (code: string, pattern: RegExp) => (err: unknown) => err instanceof RelayError && err.code === code && pattern.test(err.message);
-
 describeConformance({
   name: 'gcppubsub (pstest emulator)',
   unavailable: unavailable && `${unavailable}; start it with: scripts/cloud-emulators.sh up pubsub`,
@@ -58,10 +50,7 @@ describeConformance({
     return subscriptionsOf((closed as GcpPubSubBroker).instanceId);
   },
   // pstest keeps everything in memory: a restart loses topics and subscriptions, which the driver recreates.
-  async restartServer() {
-    await run('bash', [EMULATORS, 'down', 'pubsub'], { timeout: 60_000 });
-    await run('bash', [EMULATORS, 'up', 'pubsub'], { timeout: 300_000 });
-  },
+  restartServer: () => restartEmulator('pubsub'),
 });
 
 describe('gcppubsub driver', { skip: unavailable }, () => {
@@ -79,11 +68,7 @@ describe('gcppubsub driver', { skip: unavailable }, () => {
       const run = `t${freshTopic('').slice(1)}`;
       const topics = [`abc`, `${run}${'y'.repeat(255 - run.length)}`, `${run}-_.~+%`, `Google${run}`];
       for (const topic of topics) assert.equal(broker.topicProblem(topic), undefined, topic);
-      const collectors = await Promise.all(topics.map(async (topic) => {
-        const c = new Collector();
-        await broker.subscribe(topic, c);
-        return c;
-      }));
+      const collectors = await subscribeAll(broker, topics);
       for (const topic of topics) await broker.publish(topic, Buffer.from(topic));
       for (const [i, c] of collectors.entries()) {
         await c.until(() => c.texts().includes(topics[i]!), 5000, `message on ${topics[i]}`);

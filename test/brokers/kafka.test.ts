@@ -1,11 +1,10 @@
 import { describe, it, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { Admin, Producer } from '@platformatic/kafka';
-import { describeConformance, Collector, DEFAULT_REPRESENTABLE, freshTopic } from './conformance.ts';
+import { describeConformance, Collector, DEFAULT_REPRESENTABLE, freshTopic, rejectsWith, sleep } from './conformance.ts';
 import { restartBroker, skipUnlessCi, unreachable } from './availability.ts';
 import { openBroker } from '../../src/brokers/index.ts';
 import { KafkaBroker, parseKafkaUrl } from '../../src/brokers/kafka.ts';
-import { RelayError } from '../../src/errors.ts';
 
 const KAFKA_URL = process.env.LIVEPIPE_KAFKA_URL ?? 'kafka://127.0.0.1:9092';
 const server = new URL(KAFKA_URL);
@@ -32,9 +31,6 @@ async function openKafka(url = KAFKA_URL): Promise<KafkaBroker> {
   assert.ok(broker instanceof KafkaBroker);
   return broker;
 }
-
-const rejectsWith = (code: string, pattern: RegExp) => (err: unknown) => err instanceof RelayError && err.code === code && pattern.test(err.message);
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 describeConformance({
   name: 'kafka',

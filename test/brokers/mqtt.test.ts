@@ -2,12 +2,11 @@ import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import mqtt from 'mqtt';
 import type { IConnackPacket, MqttClient } from 'mqtt';
-import { describeConformance, Collector, freshTopic } from './conformance.ts';
+import { describeConformance, Collector, freshTopic, rejectsWith, sleep, subscribeAll } from './conformance.ts';
 import { restartBroker, skipUnlessCi, unreachable } from './availability.ts';
 import { openBroker } from '../../src/brokers/index.ts';
 import type { Broker } from '../../src/brokers/broker.ts';
 import { MqttBroker } from '../../src/brokers/mqtt.ts';
-import { RelayError } from '../../src/errors.ts';
 
 const MQTT_URL = process.env.LIVEPIPE_MQTT_URL ?? 'mqtt://127.0.0.1:1883';
 const server = new URL(MQTT_URL);
@@ -26,9 +25,6 @@ async function openMqtt(url = MQTT_URL): Promise<MqttBroker> {
   assert.ok(broker instanceof MqttBroker);
   return broker;
 }
-
-const rejectsWith = (code: string, pattern: RegExp) => (err: unknown) => err instanceof RelayError && err.code === code && pattern.test(err.message);
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /**
  * Whether the broker kept session state (subscriptions, queued messages) for `clientId`: an
@@ -86,11 +82,7 @@ describe('mqtt driver', { skip: skipUnlessCi(unavailable) }, () => {
   it('delivers topics with empty levels to exactly their subscribers', async () => {
     const run = freshTopic('m');
     const topics = [`${run}//x`, `/${run}`, `${run}/`];
-    const collectors = await Promise.all(topics.map(async (t) => {
-      const c = new Collector();
-      await broker.subscribe(t, c);
-      return c;
-    }));
+    const collectors = await subscribeAll(broker, topics);
     for (const t of topics) await (await client()).publishAsync(t, t, { qos: 1 });
     for (const c of collectors) await c.until(() => c.bodies.length === 1);
     await sleep(200);

@@ -3,12 +3,11 @@ import assert from 'node:assert/strict';
 import { connect, errors } from '@nats-io/transport-node';
 import type { NatsConnection } from '@nats-io/transport-node';
 import { jetstream, jetstreamManager } from '@nats-io/jetstream';
-import { describeConformance, Collector, freshTopic } from './conformance.ts';
+import { describeConformance, Collector, freshTopic, rejectsWith, sleep } from './conformance.ts';
 import { restartBroker, skipUnlessCi, unreachable } from './availability.ts';
 import { openBroker } from '../../src/brokers/index.ts';
 import type { Broker } from '../../src/brokers/broker.ts';
 import { NatsBroker } from '../../src/brokers/nats.ts';
-import { RelayError } from '../../src/errors.ts';
 
 const NATS_URL = process.env.LIVEPIPE_NATS_URL ?? 'nats://127.0.0.1:4222';
 const server = new URL(NATS_URL);
@@ -38,8 +37,6 @@ async function openNats(url = NATS_URL): Promise<NatsBroker> {
   return broker;
 }
 
-const rejectsWith = (code: string, pattern: RegExp) => (err: unknown) => err instanceof RelayError && err.code === code && pattern.test(err.message);
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const coreUnrepresentable = ['a b', 'orders.*', '*', '>', 'orders.>', 'a*b', 'a>', '.a', 'a.', 'a..b'];
 
 describeConformance({

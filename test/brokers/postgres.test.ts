@@ -2,11 +2,10 @@ import { describe, it, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { isUtf8 } from 'node:buffer';
 import pg from 'pg';
-import { describeConformance, Collector, freshTopic } from './conformance.ts';
+import { describeConformance, Collector, freshTopic, rejectsWith } from './conformance.ts';
 import { restartBroker, skipUnlessCi, unreachable } from './availability.ts';
 import { openBroker } from '../../src/brokers/index.ts';
 import { MAX_BINARY_BODY_BYTES, PostgresBroker } from '../../src/brokers/postgres.ts';
-import { RelayError } from '../../src/errors.ts';
 
 const PG_URL = process.env.LIVEPIPE_POSTGRES_URL ?? 'postgres://postgres:postgres@127.0.0.1:5432/livepipe_test';
 const server = new URL(PG_URL);
@@ -33,8 +32,6 @@ async function openPostgres(url = PG_URL): Promise<PostgresBroker> {
   assert.ok(broker instanceof PostgresBroker);
   return broker;
 }
-
-const rejectsWith = (code: string, pattern: RegExp) => (err: unknown) => err instanceof RelayError && err.code === code && pattern.test(err.message);
 
 describeConformance({
   name: 'postgres (LISTEN/NOTIFY)',

@@ -1,12 +1,11 @@
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { Redis } from 'ioredis';
-import { describeConformance, Collector, freshTopic } from './conformance.ts';
+import { describeConformance, Collector, freshTopic, rejectsWith, sleep } from './conformance.ts';
 import { restartBroker, skipUnlessCi, unreachable } from './availability.ts';
 import { openBroker } from '../../src/brokers/index.ts';
 import type { Broker } from '../../src/brokers/broker.ts';
 import { RedisBroker } from '../../src/brokers/redis.ts';
-import { RelayError } from '../../src/errors.ts';
 
 const REDIS_URL = process.env.LIVEPIPE_REDIS_URL ?? 'redis://127.0.0.1:6379';
 const STREAMS_URL = `${REDIS_URL}?streams=1`;
@@ -34,9 +33,6 @@ async function openRedis(url = REDIS_URL): Promise<RedisBroker> {
   assert.ok(broker instanceof RedisBroker);
   return broker;
 }
-
-const rejectsWith = (code: string, pattern: RegExp) => (err: unknown) => err instanceof RelayError && err.code === code && pattern.test(err.message);
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** The closed instance's connections, as CLIENT LIST names them (the server drops them shortly after the socket closes). */
 async function connectionsOf(closed: Broker): Promise<string[]> {

@@ -2,6 +2,7 @@
 import { createServer, request, type IncomingMessage, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { createRelay, type Relay, type RelayOptions } from '../../src/index.ts';
+import { Waiter } from './wait.ts';
 
 export interface RunningRelay {
   relay: Relay;
@@ -45,7 +46,7 @@ export class SseReader {
   ended = false;
   private buffer = '';
   private lastId: string | undefined;
-  private waiters: Array<() => void> = [];
+  private readonly waiter = new Waiter();
   private req!: ReturnType<typeof request>;
 
   static async open(url: string, headers: Record<string, string> = {}): Promise<SseReader> {
@@ -57,11 +58,11 @@ export class SseReader {
         res.on('data', (chunk: string) => reader.feed(chunk));
         res.on('end', () => {
           reader.ended = true;
-          reader.wake();
+          reader.waiter.wake();
         });
         res.on('error', () => {
           reader.ended = true;
-          reader.wake();
+          reader.waiter.wake();
         });
         resolve();
       });
@@ -85,19 +86,8 @@ export class SseReader {
     return this.events.filter((e) => e.json?.error !== undefined).map((e) => e.json.error);
   }
 
-  async until(predicate: () => boolean, ms = 5000, what = 'condition'): Promise<void> {
-    const deadline = Date.now() + ms;
-    while (!predicate()) {
-      const left = deadline - Date.now();
-      if (left <= 0) throw new Error(`timed out waiting for ${what}; stream so far:\n${this.raw.slice(-2000)}`);
-      await new Promise<void>((resolve) => {
-        const t = setTimeout(resolve, Math.min(left, 100));
-        this.waiters.push(() => {
-          clearTimeout(t);
-          resolve();
-        });
-      });
-    }
+  until(predicate: () => boolean, ms = 5000, what = 'condition'): Promise<void> {
+    return this.waiter.until(predicate, ms, () => new Error(`timed out waiting for ${what}; stream so far:\n${this.raw.slice(-2000)}`));
   }
 
   close(): void {
@@ -113,7 +103,7 @@ export class SseReader {
       this.buffer = this.buffer.slice(index + (this.buffer.startsWith('\r\n\r\n', index) ? 4 : 2));
       this.parseBlock(block);
     }
-    this.wake();
+    this.waiter.wake();
   }
 
   private parseBlock(block: string): void {
@@ -143,12 +133,6 @@ export class SseReader {
       json = undefined;
     }
     this.events.push({ id: sawId ? this.lastId : undefined, data: text, json });
-  }
-
-  private wake(): void {
-    const w = this.waiters;
-    this.waiters = [];
-    for (const f of w) f();
   }
 }
 
