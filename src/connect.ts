@@ -3,6 +3,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { MessageInitShape } from '@bufbuild/protobuf';
 import { Code, ConnectError, cors as connectCors, createConnectRouter, createContextKey, createContextValues, type ConnectRouter, type HandlerContext } from '@connectrpc/connect';
 import { universalRequestFromNodeRequest, universalResponseToNodeResponse } from '@connectrpc/connect-node';
+import { credentialsFrom, type Credentials } from './auth.ts';
 import { QueuedConnection, eventsLostError, type ConfigPayload, type ConnectionStats, type OutboxLimits } from './connection.ts';
 import { RelayError, toRelayError, type ErrorCode } from './errors.ts';
 import type { RelayMessage } from './frames.ts';
@@ -182,6 +183,15 @@ function errorEvent(error: RelayError): EventInit {
 // The node request of a call, so that a stream can be reset from inside the handler.
 const NODE_REQUEST = createContextKey<NodeRequest | undefined>(undefined, { description: 'livepipe node request' });
 
+function clientAddressOf(core: RelayCore, req: NodeRequest | undefined): string | undefined {
+  return req === undefined ? undefined : core.limits.clientAddress(req.socket?.remoteAddress, req.headers['x-forwarded-for']);
+}
+
+/** A call's bearer: the Authorization header, the access_token query parameter (Connect GET) or cookie (browsers' gRPC-Web). */
+function credentialsOf(context: HandlerContext): Credentials {
+  return credentialsFrom((name) => context.requestHeader.get(name), new URL(context.url, 'http://relay'), true);
+}
+
 function resetStream(req: NodeRequest | undefined): void {
   if (req === undefined) return;
   if ('stream' in req) req.stream.close(h2.NGHTTP2_CANCEL);
@@ -201,6 +211,8 @@ export function relayRoutes(core: RelayCore): (router: ConnectRouter) => void {
               topics: request.topics.length === 0 ? null : request.topics.map(assertTopic).join(','),
               sessionId: request.sessionId || null,
               lastEventId: request.lastEventId || null,
+              clientAddress: clientAddressOf(core, context.values.get(NODE_REQUEST)),
+              credentials: credentialsOf(context),
             },
             (session) => {
               const req = context.values.get(NODE_REQUEST);
@@ -214,14 +226,15 @@ export function relayRoutes(core: RelayCore): (router: ConnectRouter) => void {
         yield* connection!.events();
       },
 
-      async updateSubscriptions(request: UpdateSubscriptionsRequest) {
+      async updateSubscriptions(request: UpdateSubscriptionsRequest, context: HandlerContext) {
         try {
+          const principal = await core.authenticate(credentialsOf(context));
           if (request.sessionId === '') throw new RelayError('bad-request', 'session_id is missing');
           const result = await core.updateSubscriptions({
             sessionId: request.sessionId,
             add: assertTopicArray(request.add, 'add'),
             remove: assertTopicArray(request.remove, 'remove'),
-          });
+          }, principal);
           return { sessionId: result.session_id, subscriptions: result.subscriptions, failed: result.failed };
         } catch (err) {
           throw toConnectError(err);
@@ -252,7 +265,7 @@ export function createConnectNodeHandler(core: RelayCore): ConnectNodeHandler {
   return (req, res) => {
     const origin = req.headers.origin;
     if (req.method === 'OPTIONS') {
-      const headers = corsHeaders(origin, core.options.cors, true);
+      const headers = corsHeaders(origin, core.options.cors, true, core.auth !== undefined);
       if (headers['access-control-allow-origin'] !== undefined) {
         headers['access-control-allow-methods'] = connectCors.allowedMethods.join(', ');
         headers['access-control-allow-headers'] = [...connectCors.allowedHeaders, 'Authorization'].join(', ');
@@ -262,7 +275,7 @@ export function createConnectNodeHandler(core: RelayCore): ConnectNodeHandler {
       res.end();
       return;
     }
-    const headers = corsHeaders(origin, core.options.cors, false);
+    const headers = corsHeaders(origin, core.options.cors, false, core.auth !== undefined);
     if (headers['access-control-allow-origin'] !== undefined) headers['access-control-expose-headers'] = connectCors.exposedHeaders.join(', ');
     for (const [name, value] of Object.entries(headers)) res.setHeader(name, value);
 

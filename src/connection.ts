@@ -170,6 +170,21 @@ export abstract class QueuedConnection {
   }
 
   /**
+   * Ends the connection because the relay is going away: what is queued is written first, then
+   * a transport that can say so tells the client to reconnect after `reconnectDelayMs` (SSE: a
+   * `retry:` line; WebSocket closes with 1001 whenever the relay is closing).
+   */
+  goAway(reconnectDelayMs?: number): void {
+    if (this.closed) return;
+    this.flush();
+    if (reconnectDelayMs !== undefined) this.reconnectIn(reconnectDelayMs);
+    this.close();
+  }
+
+  /** Tells the client when to reconnect, just before a clean end; transports without a way to say it do nothing. */
+  protected reconnectIn(_delayMs: number): void {}
+
+  /**
    * Called for quiet connections: sends a keep-alive, or, to a socket that is full, nothing —
    * and cuts it once it has taken nothing for stallTimeoutMs.
    */

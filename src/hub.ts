@@ -14,6 +14,7 @@ export interface HubOptions {
 export interface HubCounters {
   messagesIn: number;
   brokerErrors: number;
+  brokerReconnects: number;
 }
 
 /** One topic's broker subscription, its sessions and its recent history. */
@@ -44,6 +45,7 @@ class Topic implements SubscriptionListener {
   }
 
   recovered(): void {
+    this.hub.counters.brokerReconnects++;
     const gap = new RelayError('events-lost', `the broker subscription for ${JSON.stringify(this.name)} recovered; messages published while it was down may be lost`, { topic: this.name });
     for (const session of this.subscribers) session.connection?.sendError(gap);
   }
@@ -55,7 +57,7 @@ class Topic implements SubscriptionListener {
  * subscriber.
  */
 export class Hub {
-  readonly counters: HubCounters = { messagesIn: 0, brokerErrors: 0 };
+  readonly counters: HubCounters = { messagesIn: 0, brokerErrors: 0, brokerReconnects: 0 };
   private readonly broker: Broker;
   private readonly options: HubOptions;
   private readonly topics = new Map<string, Topic>();

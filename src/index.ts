@@ -4,7 +4,7 @@ import { createFetchHandler, type FetchHandler } from './http/fetch.ts';
 import { createNodeHandlers, type NodeHandler, type NodeMiddleware } from './http/node.ts';
 import { createMetrics } from './metrics.ts';
 import type { RelayOptions } from './options.ts';
-import { createRelayCore, type RelayCore, type RelayStats, type UpdateRequest, type UpdateResult } from './relay.ts';
+import { createRelayCore, type CloseOptions, type RelayCore, type RelayStats, type UpdateRequest, type UpdateResult } from './relay.ts';
 import { createWsTransport, type UpgradeHandler } from './ws.ts';
 
 export interface Relay {
@@ -28,17 +28,20 @@ export interface Relay {
    * gRPC-Web) or node:http2 (all three). Calls `next` for other paths. Loads ConnectRPC on first use.
    */
   connectHandler(): RpcMiddleware;
-  /** Changes a session's topics, as `POST /update_subscriptions` does. */
+  /** Changes a session's topics, as `POST /update_subscriptions` does; the app's own call, so `auth` does not apply. */
   updateSubscriptions(request: UpdateRequest): Promise<UpdateResult>;
-  /** Publishes through the relay's broker. */
+  /** Publishes through the relay's broker; the app's own call, so `auth` does not apply. */
   publish(topic: string, body: Uint8Array | string): Promise<void>;
   stats(): RelayStats;
   /** The Prometheus registry behind `/metrics`. */
   readonly metrics: Registry;
   /** True while the broker is connected and the relay is not shutting down. */
   isReady(): boolean;
-  /** Ends open streams, releases broker subscriptions and closes a broker opened from a URL. */
-  close(): Promise<void>;
+  /**
+   * Ends open streams, releases broker subscriptions and closes a broker opened from a URL. With
+   * `reconnectDelayMs`, SSE clients are told to reconnect within that delay (to another instance).
+   */
+  close(options?: CloseOptions): Promise<void>;
   /** The underlying core, for transports built on top. */
   readonly core: RelayCore;
 }
@@ -61,15 +64,21 @@ export async function createRelay(options: RelayOptions): Promise<Relay> {
     stats: () => core.stats(),
     metrics,
     isReady: () => core.isReady(),
-    close: () => core.close(),
+    close: (options) => core.close(options),
     core,
   };
 }
 
 export type { RelayOptions, RelayPaths, CorsOptions } from './options.ts';
-export type { RelayStats, UpdateRequest, UpdateResult, StreamRequest, RelayCore } from './relay.ts';
+export type { AuthOptions } from './options.ts';
+export type { Credentials, Principal } from './auth.ts';
+export type { RelayStats, UpdateRequest, UpdateResult, StreamRequest, RelayCore, CloseOptions } from './relay.ts';
+export type { RelayTracer, RelaySpan, SpanAttributes } from './tracer.ts';
 export { RelayError, type ErrorCode } from './errors.ts';
 export { CLOSE_CODES, type UpgradeHandler } from './ws.ts';
+export type { LimitOptions } from './options.ts';
+export { LimitError, type RejectReason } from './limits.ts';
+export type { FetchClient, FetchHandler } from './http/fetch.ts';
 export { RELAY_SERVICE_PATH, type RpcMiddleware } from './http/connect.ts';
 export { topicProblem, MAX_TOPIC_BYTES } from './topics.ts';
 export { livepipeFastify, type FastifyLike, type FastifyRelay } from './http/fastify.ts';

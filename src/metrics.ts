@@ -1,4 +1,5 @@
-import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import { REJECT_REASONS } from './limits.ts';
 import type { RelayCore } from './relay.ts';
 
 /**
@@ -9,15 +10,18 @@ export function createMetrics(core: RelayCore): Registry {
   const registry = new Registry();
   collectDefaultMetrics({ register: registry, prefix: 'livepipe_' });
 
+  const seen = new Set(['sse', 'ws']);
   new Gauge({
     name: 'livepipe_connections',
     help: 'Open client connections, by transport.',
     labelNames: ['transport'],
     registers: [registry],
     collect() {
-      // Every transport reports, 0 included, so a dashboard's series never vanishes.
+      // Every transport seen reports, 0 included, so a series neither vanishes nor keeps the count
+      // of connections that have closed since.
       const open = core.stats().connections;
-      for (const transport of new Set(['sse', 'ws', ...Object.keys(open)])) this.set({ transport }, open[transport] ?? 0);
+      for (const transport of Object.keys(open)) seen.add(transport);
+      for (const transport of seen) this.set({ transport }, open[transport] ?? 0);
     },
   });
   gauge(registry, 'livepipe_sessions', 'Live sessions, attached or within their TTL.', () => core.stats().sessions);
@@ -27,6 +31,31 @@ export function createMetrics(core: RelayCore): Registry {
   counter(registry, 'livepipe_messages_out_total', 'Messages written to client connections (one per delivery).', () => core.stats().messagesDelivered);
   counter(registry, 'livepipe_messages_dropped_total', 'Messages dropped for clients that read too slowly.', () => core.stats().messagesDropped);
   counter(registry, 'livepipe_broker_errors_total', 'Broker subscription failures reported by the driver.', () => core.stats().brokerErrors);
+  counter(registry, 'livepipe_broker_reconnects_total', 'Broker subscriptions that recovered after an outage (one per topic per recovery).', () => core.stats().brokerReconnects);
+  const updates = new Histogram({
+    name: 'livepipe_update_duration_seconds',
+    help: 'Time to apply an update_subscriptions request, broker subscribe included, by outcome (ok or error).',
+    labelNames: ['outcome'],
+    // Local requests take well under a millisecond; a broker round trip, milliseconds to seconds.
+    buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+    registers: [registry],
+  });
+  core.updateTimed = (seconds, ok) => updates.observe({ outcome: ok ? 'ok' : 'error' }, seconds);
+  const reported: Record<string, number> = {};
+  new Counter({
+    name: 'livepipe_rejected_total',
+    help: 'Requests refused by a cap or rate limit, by reason.',
+    labelNames: ['reason'],
+    registers: [registry],
+    collect() {
+      // Every reason reports, 0 included, so a dashboard's series never vanishes.
+      for (const reason of REJECT_REASONS) {
+        const value = core.limits.rejected[reason];
+        this.inc({ reason }, value - (reported[reason] ?? 0));
+        reported[reason] = value;
+      }
+    },
+  });
   return registry;
 }
 

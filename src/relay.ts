@@ -1,11 +1,14 @@
+import { Authorizer, type Credentials, type Principal } from './auth.ts';
 import { openBroker, type Broker } from './brokers/index.ts';
 import type { ConnectionStats, QueuedConnection } from './connection.ts';
 import { RelayError } from './errors.ts';
 import { eventId, parseEventId, type RelayMessage } from './frames.ts';
 import { Hub } from './hub.ts';
+import { Limits, checkLimitOptions, type ConnectionSlot } from './limits.ts';
 import { resolveOptions, type RelayOptions, type ResolvedOptions } from './options.ts';
 import { Session, newSessionId } from './session.ts';
 import { assertTopic, parseTopicList } from './topics.ts';
+import { SPAN_KIND, describeStream, traced } from './tracer.ts';
 
 /** What a client asks for when it opens a stream. */
 export interface StreamRequest {
@@ -15,6 +18,10 @@ export interface StreamRequest {
   sessionId: string | null;
   /** The `Last-Event-ID` header (or `last_event_id=` query). */
   lastEventId: string | null;
+  /** The client's address (see `Limits.clientAddress`), for the per-address stream cap; none applies when unknown. */
+  clientAddress?: string | undefined;
+  /** Where the bearer token may be (with `auth` set; the cookie only where it may count, see Credentials). */
+  credentials?: Credentials | undefined;
 }
 
 export interface UpdateRequest {
@@ -37,6 +44,17 @@ export interface RelayStats {
   messagesDelivered: number;
   messagesDropped: number;
   brokerErrors: number;
+  /** Broker subscriptions that recovered after an outage (one per topic per recovery). */
+  brokerReconnects: number;
+}
+
+export interface CloseOptions {
+  /**
+   * Tell clients to reconnect within this many ms (each one a random delay up to it, so they do
+   * not all arrive at once): SSE streams get a `retry:` line before they end. Without it, SSE
+   * clients wait their usual retry delay. WebSocket clients get close code 1001 either way.
+   */
+  reconnectDelayMs?: number;
 }
 
 /**
@@ -48,16 +66,31 @@ export class RelayCore {
   readonly options: ResolvedOptions;
   readonly hub: Hub;
   readonly deliveries: ConnectionStats = { delivered: 0, dropped: 0 };
+  readonly limits: Limits;
   private readonly sessions = new Map<string, Session>();
   private readonly connections = new Set<QueuedConnection>();
+  /** Each connection's stream slot, so that a resume from the same address can take over its slot. */
+  private readonly slots = new WeakMap<QueuedConnection, ConnectionSlot>();
   private readonly ownsBroker: boolean;
   private readonly sweeper: NodeJS.Timeout;
   private closing = false;
+  /** Told how long each update_subscriptions took, in seconds, and whether it succeeded (the metrics' latency histogram). */
+  updateTimed: ((seconds: number, ok: boolean) => void) | undefined;
+  /**
+   * Set in a cluster worker (src/server/cluster.ts): applies an update to a session that another
+   * worker owns there, and answers with that worker's result; undefined for this process's own.
+   */
+  forwardUpdate: ((request: UpdateRequest, principal: Principal | undefined) => Promise<UpdateResult> | undefined) | undefined;
 
-  constructor(broker: Broker, ownsBroker: boolean, options: ResolvedOptions) {
+  /** Authorization (PROTOCOL.md section 6); undefined when the relay is open. */
+  readonly auth: Authorizer | undefined;
+
+  constructor(broker: Broker, ownsBroker: boolean, options: ResolvedOptions, auth?: Authorizer) {
+    this.auth = auth;
     this.broker = broker;
     this.ownsBroker = ownsBroker;
     this.options = options;
+    this.limits = new Limits(options.limits);
     this.hub = new Hub(broker, {
       history: options.history,
       topicGraceMs: options.topicGraceMs,
@@ -84,38 +117,78 @@ export class RelayCore {
    * written when the request is bad; `connect` creates the transport's connection once the
    * request is known to be good.
    */
-  async openStream(request: StreamRequest, connect: (session: Session) => QueuedConnection): Promise<QueuedConnection> {
+  async openStream(request: StreamRequest, connect: (session: Session, principal: Principal | undefined) => QueuedConnection): Promise<QueuedConnection> {
+    const held: { slot?: ConnectionSlot } = {};
+    try {
+      return await traced(this.options.tracer, 'livepipe.stream.open', SPAN_KIND.server, (span) => this.attach(request, describeStream(span, request, connect), held));
+    } catch (err) {
+      // An open that fails at any step holds no stream slot.
+      held.slot?.release();
+      throw err;
+    }
+  }
+
+  private async attach(request: StreamRequest, connect: (session: Session, principal: Principal | undefined) => QueuedConnection, held: { slot?: ConnectionSlot }): Promise<QueuedConnection> {
     if (this.closing) throw new RelayError('broker-unavailable', 'the relay is shutting down; reconnect to another instance');
     const urlTopics = parseTopicList(request.topics);
     const fromEventId = parseEventId(request.lastEventId);
-    const resumable = (fromEventId && this.sessions.get(fromEventId.sessionId)) || (request.sessionId ? this.sessions.get(request.sessionId) : undefined);
+    // Once per stream: what the bearer may do is not looked at again per message.
+    const principal = await this.authenticate(request.credentials ?? {});
+    let resumable = (fromEventId && this.sessions.get(fromEventId.sessionId)) || (request.sessionId ? this.sessions.get(request.sessionId) : undefined);
 
     let session: Session;
     let position: number;
     const failures: RelayError[] = [];
+    if (resumable !== undefined && principal !== undefined) {
+      // A session answers only to the identity that opened it: a refused resume changes nothing.
+      if (resumable.identity !== principal.identity) throw new RelayError('forbidden', 'this session was opened by another identity: open a new stream');
+      // Grants may have shrunk since the session was opened (a new token, a callout that changed its mind).
+      const revoked = await this.auth!.denied(principal, 'subscribe', [...resumable.topics.keys()]);
+      if (this.sessions.get(resumable.id) !== resumable) {
+        resumable = undefined; // it expired meanwhile: a new session follows
+      } else {
+        for (const refusal of revoked) {
+          if (resumable.topics.delete(refusal.topic!)) this.hub.unsubscribe(resumable, refusal.topic!);
+          failures.push(refusal);
+        }
+      }
+    }
     if (resumable !== undefined) {
       session = resumable;
       position = fromEventId?.sessionId === session.id ? Math.min(fromEventId.seq, this.hub.lastSeq) : session.position;
+      // Taken before anything changes (a refused resume leaves the old connection alone), and
+      // before any await, so that concurrent opens from one address cannot all pass the cap.
+      held.slot = this.limits.openConnection(request.clientAddress, session.connection && this.slots.get(session.connection));
       // The newest connection wins: a half-dead older one is ended first.
       session.connection?.close();
       this.cancelExpiry(session);
     } else {
       this.checkTopics(urlTopics);
       this.checkTopicCap(urlTopics.length);
-      session = new Session(newSessionId(), this.hub.lastSeq);
+      // Denied topics get a `forbidden` error event; the others proceed.
+      const refused = principal === undefined ? [] : await this.auth!.denied(principal, 'subscribe', urlTopics);
+      this.limits.checkSessions(this.sessions.size);
+      held.slot = this.limits.openConnection(request.clientAddress);
+      session = new Session(newSessionId(), this.hub.lastSeq, principal?.identity);
       position = session.position;
       this.sessions.set(session.id, session);
-      failures.push(...(await this.addTopics(session, urlTopics)));
+      failures.push(...refused, ...(await this.addTopics(session, urlTopics.filter((t) => !refused.some((r) => r.topic === t)))));
     }
 
-    const connection = connect(session);
+    const connection = connect(session, principal);
     this.connections.add(connection);
+    const slot = held.slot!;
+    this.slots.set(connection, slot);
     if (connection.isClosed) {
       // The client left while its subscriptions were being set up.
+      slot.release();
       this.detach(session, connection);
       return connection;
     }
-    connection.onClose = () => this.detach(session, connection);
+    connection.onClose = () => {
+      slot.release();
+      this.detach(session, connection);
+    };
     connection.open(
       {
         session_id: session.id,
@@ -133,16 +206,49 @@ export class RelayCore {
     return connection;
   }
 
-  /** Applies a subscription change atomically: a rejected request changes nothing. */
-  async updateSubscriptions(request: UpdateRequest): Promise<UpdateResult> {
+  /**
+   * Applies a subscription change atomically: a rejected request changes nothing. With auth on,
+   * `principal` is who asks (from `authenticate`); without one the call is the app's own, trusted.
+   */
+  async updateSubscriptions(request: UpdateRequest, principal?: Principal): Promise<UpdateResult> {
+    const forwarded = this.forwardUpdate?.(request, principal);
+    if (forwarded !== undefined) return forwarded;
+    const started = performance.now();
+    let ok = false;
+    try {
+      const result = await traced(this.options.tracer, 'livepipe.update_subscriptions', SPAN_KIND.server, async (span) => {
+        span.setAttributes({ 'livepipe.topics.add': request.add.length, 'livepipe.topics.remove': request.remove.length });
+        const result = await this.applyUpdate(request, principal);
+        span.setAttributes({ 'livepipe.topics.count': result.subscriptions.length, 'livepipe.topics.failed': result.failed.length });
+        return result;
+      });
+      ok = true;
+      return result;
+    } finally {
+      this.updateTimed?.((performance.now() - started) / 1000, ok);
+    }
+  }
+
+  private async applyUpdate(request: UpdateRequest, principal?: Principal): Promise<UpdateResult> {
     const session = this.sessions.get(request.sessionId);
     if (session === undefined) throw new RelayError('unknown-session', 'no such session (it may have expired); open a new stream');
+    if (principal !== undefined) {
+      this.auth?.assertCurrent(principal);
+      // Before the rate limit: another identity must not spend this session's updates either.
+      if (session.identity !== principal.identity) throw new RelayError('forbidden', 'this session was opened by another identity');
+    }
+    // Counted before anything is checked or changed: a flood of bad requests is limited too.
+    this.limits.takeUpdate(session.id);
     this.checkTopics(request.add);
     return session.serialize(async () => {
       const removing = new Set(request.remove.filter((t) => session.topics.has(t)));
       const adding = request.add.filter((t) => !session.topics.has(t) || removing.has(t));
       const resulting = session.topics.size - removing.size + adding.length;
       if (adding.length > 0) this.checkTopicCap(resulting);
+      if (principal !== undefined && this.auth !== undefined) {
+        const refused = await this.auth.denied(principal, 'subscribe', adding);
+        if (refused.length > 0) throw new RelayError('forbidden', refused.map((r) => r.message).join('; '), { topic: refused[0]!.topic! });
+      }
       for (const topic of removing) {
         session.topics.delete(topic);
         this.hub.unsubscribe(session, topic);
@@ -157,8 +263,20 @@ export class RelayCore {
     });
   }
 
+  /** Who a request is, per its credentials; undefined when the relay has no auth. Throws `forbidden`. */
+  async authenticate(credentials: Credentials): Promise<Principal | undefined> {
+    return this.auth?.authenticate(credentials);
+  }
+
   /** Publishes `body` on `topic` through the broker. */
   async publish(topic: string, body: Uint8Array): Promise<void> {
+    return traced(this.options.tracer, 'livepipe.publish', SPAN_KIND.producer, (span) => {
+      span.setAttributes({ 'messaging.system': this.broker.scheme, 'messaging.message.body.size': body.byteLength });
+      return this.publishNow(topic, body);
+    });
+  }
+
+  private async publishNow(topic: string, body: Uint8Array): Promise<void> {
     assertTopic(topic);
     this.checkTopics([topic]);
     try {
@@ -180,15 +298,17 @@ export class RelayCore {
       messagesDelivered: this.deliveries.delivered,
       messagesDropped: this.deliveries.dropped,
       brokerErrors: this.hub.counters.brokerErrors,
+      brokerReconnects: this.hub.counters.brokerReconnects,
     };
   }
 
   /** Ends every stream (clients reconnect elsewhere), releases broker subscriptions, and closes a broker the relay opened. */
-  async close(): Promise<void> {
+  async close(options: CloseOptions = {}): Promise<void> {
     if (this.closing) return;
     this.closing = true;
     clearInterval(this.sweeper);
-    for (const connection of [...this.connections]) connection.close();
+    const within = options.reconnectDelayMs;
+    for (const connection of [...this.connections]) connection.goAway(within === undefined ? undefined : Math.floor(Math.random() * (within + 1)));
     for (const session of this.sessions.values()) this.cancelExpiry(session);
     this.sessions.clear();
     await this.hub.close();
@@ -262,7 +382,7 @@ export class RelayCore {
 
   private checkTopicCap(count: number): void {
     if (count > this.options.maxTopicsPerSession) {
-      throw new RelayError('too-many-topics', `a session may hold at most ${this.options.maxTopicsPerSession} topics (this request would make ${count})`);
+      throw this.limits.reject('topics_per_session', `a session may hold at most ${this.options.maxTopicsPerSession} topics (this request would make ${count})`);
     }
   }
 
@@ -275,6 +395,7 @@ export class RelayCore {
       }
     }
     this.hub.expireHistory(now);
+    this.limits.sweep();
   }
 }
 
@@ -282,7 +403,11 @@ export class RelayCore {
 export async function createRelayCore(options: RelayOptions): Promise<RelayCore> {
   const resolved = resolveOptions(options);
   const owns = typeof options.broker === 'string';
+  // Checked before the broker opens, so that bad limit or auth options leave nothing open.
+  checkLimitOptions(resolved.limits);
+  const auth = options.auth === undefined ? undefined : await Authorizer.create(options.auth, resolved.cors);
   const broker = typeof options.broker === 'string' ? await openBroker(options.broker) : options.broker;
-  if (resolved.publish === undefined) resolved.publish = broker.scheme === 'mem' ? 'loopback' : false;
-  return new RelayCore(broker, owns, resolved);
+  // With auth, publish grants decide who may publish over HTTP.
+  if (resolved.publish === undefined) resolved.publish = auth !== undefined ? true : broker.scheme === 'mem' ? 'loopback' : false;
+  return new RelayCore(broker, owns, resolved, auth);
 }

@@ -2,9 +2,21 @@ import { randomBytes } from 'node:crypto';
 import type { QueuedConnection } from './connection.ts';
 import { idPrefix, type RelayMessage } from './frames.ts';
 
+let idPrefixBytes = Buffer.alloc(0);
+
+/**
+ * Bytes put before the random part of every new session id in this process: a cluster worker
+ * (src/server/cluster.ts) names itself there, so that any worker can route a request to the
+ * session's owner. Ids stay opaque to clients.
+ */
+export function setSessionIdPrefix(bytes: Buffer): void {
+  idPrefixBytes = Buffer.from(bytes);
+}
+
 /** Session ids carry 128 random bits (PROTOCOL.md 2.2): they are bearer secrets. */
 export function newSessionId(): string {
-  return randomBytes(16).toString('base64url');
+  const random = randomBytes(16);
+  return (idPrefixBytes.length === 0 ? random : Buffer.concat([idPrefixBytes, random])).toString('base64url');
 }
 
 /**

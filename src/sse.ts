@@ -53,6 +53,11 @@ export class SseConnection extends QueuedConnection {
     return this.sink.write(chunks);
   }
 
+  // A bare `retry:` field sets EventSource's reconnection time without dispatching an event.
+  protected override reconnectIn(delayMs: number): void {
+    this.sink.write([Buffer.from(`retry: ${delayMs}\n\n`)]);
+  }
+
   protected end(abort: boolean): void {
     if (abort) this.sink.destroy();
     else this.sink.end();

@@ -1,6 +1,7 @@
 import { STATUS_CODES, type IncomingMessage } from 'node:http';
 import type { Duplex } from 'node:stream';
 import { WebSocketServer, type RawData, type WebSocket } from 'ws';
+import { credentialsFrom, type Credentials, type Principal } from './auth.ts';
 import { QueuedConnection, eventsLostError, type ConfigPayload, type ConnectionStats, type OutboxLimits } from './connection.ts';
 import { RelayError, toRelayError } from './errors.ts';
 import { CONFIG_TOPIC, type RelayMessage } from './frames.ts';
@@ -23,6 +24,8 @@ export const CLOSE_CODES = {
   policy: 1008,
   /** A client frame was larger than the limit (sent by the ws library). */
   tooBig: 1009,
+  /** A limit refused the stream (`rate-limited`: the relay is full, or too many streams from this address): retry later, with backoff. */
+  tryAgainLater: 1013,
   /** The relay failed unexpectedly while opening the stream: retry later. */
   internal: 1011,
 } as const;
@@ -180,15 +183,18 @@ export function createWsTransport(core: RelayCore): { handleUpgrade: UpgradeHand
     pinger.unref();
   };
 
-  const serve = (ws: WebSocket, socket: Duplex, url: URL) => {
+  const serve = (ws: WebSocket, socket: Duplex, url: URL, clientAddress: string | undefined, credentials: Credentials) => {
     ws.on('error', () => {}); // a broken socket also emits `close`, which is what matters
     let connection: WsConnection | undefined;
     let sessionId = '';
+    // Who opened the stream: the client's subscribe frames are checked against its grants.
+    let principal: Principal | undefined;
     const opened = core
       .openStream(
-        { topics: url.searchParams.get('topics'), sessionId: url.searchParams.get('session_id'), lastEventId: url.searchParams.get('last_event_id') },
-        (session) => {
+        { topics: url.searchParams.get('topics'), sessionId: url.searchParams.get('session_id'), lastEventId: url.searchParams.get('last_event_id'), clientAddress, credentials },
+        (session, bearer) => {
           sessionId = session.id;
+          principal = bearer;
           connection = new WsConnection(ws, socket, session.id, core.options.outbox, core.deliveries, () => core.isClosing);
           if (!connection.isClosed) track(connection, ws);
           return connection;
@@ -199,7 +205,8 @@ export function createWsTransport(core: RelayCore): { handleUpgrade: UpgradeHand
         const error = toRelayError(err);
         if (ws.readyState !== ws.OPEN) return;
         ws.send(JSON.stringify(error.toJSON()), TEXT);
-        closeSoon(ws, core.isClosing ? CLOSE_CODES.goingAway : error.status < 500 ? CLOSE_CODES.policy : CLOSE_CODES.internal, error.code);
+        const code = core.isClosing ? CLOSE_CODES.goingAway : error.code === 'rate-limited' ? CLOSE_CODES.tryAgainLater : error.status < 500 ? CLOSE_CODES.policy : CLOSE_CODES.internal;
+        closeSoon(ws, code, error.code);
       });
 
     // Frames are answered one after the other, in order, after the stream is open.
@@ -210,7 +217,7 @@ export function createWsTransport(core: RelayCore): { handleUpgrade: UpgradeHand
       chain = chain.then(async () => {
         const c = connection;
         if (c !== undefined && !c.isClosed) {
-          c.sendJson(await answer(core, sessionId, data));
+          c.sendJson(await answer(core, sessionId, principal, data));
           // A client that sends requests but does not read the answers is not read from either.
           if (c.saturated) {
             await new Promise<void>((resolve) => {
@@ -236,7 +243,10 @@ export function createWsTransport(core: RelayCore): { handleUpgrade: UpgradeHand
       refuse(socket, new RelayError('forbidden', `WebSocket connections from origin ${req.headers.origin} are not allowed (see the cors option)`));
       return true;
     }
-    wss.handleUpgrade(req, socket, head, (ws) => serve(ws, socket, url));
+    const clientAddress = core.limits.clientAddress(req.socket.remoteAddress, req.headers['x-forwarded-for']);
+    // The cookie counts: originAllowed above keeps other sites' pages from using a visitor's cookie.
+    const credentials = credentialsFrom((name) => req.headers[name] as string | undefined, url, true);
+    wss.handleUpgrade(req, socket, head, (ws) => serve(ws, socket, url, clientAddress, credentials));
     return true;
   };
 
@@ -244,7 +254,7 @@ export function createWsTransport(core: RelayCore): { handleUpgrade: UpgradeHand
 }
 
 /** Answers one client frame: the session's subscriptions after the change, or an error. Echoes the frame's `ref`. */
-async function answer(core: RelayCore, sessionId: string, data: RawData): Promise<Record<string, unknown>> {
+async function answer(core: RelayCore, sessionId: string, principal: Principal | undefined, data: RawData): Promise<Record<string, unknown>> {
   let ref: unknown;
   try {
     const value = parseObject(data);
@@ -255,7 +265,7 @@ async function answer(core: RelayCore, sessionId: string, data: RawData): Promis
       sessionId,
       add: frame.type === 'subscribe' ? frame.topics : [],
       remove: frame.type === 'unsubscribe' ? frame.topics : [],
-    });
+    }, principal);
     return withRef({ type: 'subscriptions', subscriptions: result.subscriptions, failed: result.failed }, ref);
   } catch (err) {
     return withRef(toRelayError(err).toJSON(), ref);

@@ -5,7 +5,7 @@ import { readFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import { pathToFileURL } from 'node:url';
 import { isLoopbackHost, parseCli, serverPolicy, UsageError } from '../src/server/args.ts';
-import { ensureBuilt, LivepipeProcess, ROOT, runLivepipe, within } from './support/livepipe.ts';
+import { ensureBuilt, LivepipeProcess, parseRecords, ROOT, runLivepipe, within } from './support/livepipe.ts';
 import { post } from './support/relay.ts';
 
 describe('livepipe flags (parseCli)', () => {
@@ -56,10 +56,14 @@ describe('livepipe server (the built bin)', () => {
   });
   after(() => lp.kill());
 
-  it('prints one start line naming the address and the broker', () => {
+  it('logs one start record naming the address and the broker', () => {
     assert.match(base, /^http:\/\/127\.0\.0\.1:\d+$/);
     assert.notEqual(base, 'http://127.0.0.1:0');
-    assert.equal(lp.stdout, `livepipe listening on ${base} (broker mem://)\n`);
+    const records = parseRecords(lp.stdout);
+    assert.equal(records.length, 1, lp.stdout);
+    assert.equal(records[0]!.level, 'info');
+    assert.equal(records[0]!.msg, `livepipe listening on ${base} (broker mem://)`);
+    assert.deepEqual([records[0]!.url, records[0]!.broker], [base, 'mem://']);
     assert.equal(lp.stderr, '');
   });
 
@@ -162,7 +166,8 @@ describe('livepipe flag errors', () => {
   const cases: Array<{ args: string[]; env?: Record<string, string>; names: string; why: RegExp }> = [
     { args: ['--verbose'], names: '--verbose', why: /unknown flag/ },
     { args: ['-x'], names: '-x', why: /unknown flag/ },
-    { args: ['--config', 'livepipe.yaml'], names: '--config', why: /unknown flag/ },
+    { args: ['--conf', 'livepipe.yaml'], names: '--conf', why: /unknown flag/ },
+    { args: ['--config'], names: '--config', why: /needs a value/ },
     { args: ['serve'], names: '"serve"', why: /unexpected argument/ },
     { args: ['--port'], names: '--port', why: /needs a value/ },
     { args: ['--port', '--host', '127.0.0.1'], names: '--port', why: /needs a value/ },
@@ -225,9 +230,14 @@ describe('livepipe start-up', () => {
     const registry = pathToFileURL(`${ROOT}dist/index.js`).href;
     const failing = `data:text/javascript,import { registerBroker } from ${JSON.stringify(registry)}; registerBroker('unreachable', async () => { throw new Error('connect ECONNREFUSED 127.0.0.1:1') });`;
     const result = await runLivepipe(['--broker', 'unreachable://user:secret@127.0.0.1:1', '--port', '0'], {}, ['--import', failing]);
-    assert.equal(result.code, 1, result.stderr);
-    assert.equal(result.stdout, '');
-    assert.equal(result.stderr, 'livepipe: cannot open the broker unreachable://user:***@127.0.0.1:1: connect ECONNREFUSED 127.0.0.1:1\n');
+    assert.equal(result.code, 1, result.stdout);
+    assert.equal(result.stderr, '');
+    const records = parseRecords(result.stdout);
+    assert.deepEqual(
+      records.map((r) => [r.level, r.msg]),
+      [['fatal', 'cannot open the broker unreachable://user:***@127.0.0.1:1: connect ECONNREFUSED 127.0.0.1:1']],
+    );
+    assert.ok(!result.stdout.includes('secret'));
   });
 
   it('exits 1 with one clear line when the port is taken', async () => {
@@ -236,8 +246,11 @@ describe('livepipe start-up', () => {
     try {
       const port = (taken.address() as { port: number }).port;
       const result = await runLivepipe(['--port', String(port)]);
-      assert.equal(result.code, 1, result.stderr);
-      assert.match(result.stderr, new RegExp(`^livepipe: cannot listen on 127\\.0\\.0\\.1:${port}: .*EADDRINUSE.*\\n$`));
+      assert.equal(result.code, 1, result.stdout);
+      const records = parseRecords(result.stdout);
+      assert.equal(records.length, 1, result.stdout);
+      assert.equal(records[0]!.level, 'fatal');
+      assert.match(records[0]!.msg, new RegExp(`^cannot listen on 127\\.0\\.0\\.1:${port}: .*EADDRINUSE`));
     } finally {
       await close(taken);
     }

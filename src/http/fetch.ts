@@ -1,10 +1,23 @@
 import type { Registry } from 'prom-client';
+import { credentialsFrom } from '../auth.ts';
 import { RelayError, toRelayError } from '../errors.ts';
+import { retryAfterHeaders } from '../limits.ts';
 import type { RelayCore } from '../relay.ts';
 import { SseConnection, type SinkEvents } from '../sse.ts';
-import { METHODS, SSE_HEADERS, JSON_TYPE, checkPublishAllowed, corsHeaders, endpointFor, parseUpdateBody, tooLarge } from './shared.ts';
+import { METHODS, SSE_HEADERS, JSON_TYPE, authorizePublish, corsHeaders, endpointFor, parseUpdateBody, tooLarge } from './shared.ts';
 
-export type FetchHandler = (request: Request) => Promise<Response>;
+/**
+ * A fetch handler sees no socket. Its optional second argument tells it the client's address:
+ * `{ clientAddress }`, or @hono/node-server's bindings (`{ incoming }`); anything else a runtime
+ * passes there is ignored. Without an address (and without `limits.trustProxy` and an
+ * X-Forwarded-For header), the per-address limits (maxConnectionsPerIp, publishRate) do not apply.
+ */
+export type FetchHandler = (request: Request, client?: FetchClient | object) => Promise<Response>;
+
+export interface FetchClient {
+  /** The client's IP address, as the runtime reports it. */
+  clientAddress?: string | undefined;
+}
 
 // Bytes a web stream buffers for a reader before the connection counts as saturated.
 const STREAM_HIGH_WATER_MARK = 64 * 1024;
@@ -14,10 +27,11 @@ const STREAM_HIGH_WATER_MARK = 64 * 1024;
  * fetch-style runtimes. Requests for other paths answer 404.
  */
 export function createFetchHandler(core: RelayCore, metrics: Registry): FetchHandler {
-  return async (request) => {
+  return async (request, client) => {
     const url = new URL(request.url);
+    const address = core.limits.clientAddress(remoteAddressOf(client), request.headers.get('x-forwarded-for'));
     const origin = request.headers.get('origin') ?? undefined;
-    const cors = (preflight = false) => corsHeaders(origin, core.options.cors, preflight);
+    const cors = (preflight = false) => corsHeaders(origin, core.options.cors, preflight, core.auth !== undefined);
     try {
       const endpoint = endpointFor(url.pathname, core.options.paths);
       if (endpoint === undefined) throw new RelayError('not-found', `no endpoint at ${url.pathname}`);
@@ -30,16 +44,20 @@ export function createFetchHandler(core: RelayCore, metrics: Registry): FetchHan
       }
       switch (endpoint) {
         case 'events':
-          return await events(core, request, url, cors());
+          return await events(core, request, url, cors(), address);
         case 'update': {
+          // Who asks, before the body is read.
+          const principal = await core.authenticate(credentialsFrom((name) => request.headers.get(name), url, true));
           const body = await readBody(request, core.options.maxBodyBytes);
-          const result = await core.updateSubscriptions(parseUpdateBody(request.headers.get('content-type'), body));
+          const result = await core.updateSubscriptions(parseUpdateBody(request.headers.get('content-type'), body), principal);
           return json(200, result, cors());
         }
         case 'publish': {
-          checkPublishAllowed(core.options.publish, request.headers.get('authorization'), undefined);
+          core.limits.takePublish(address);
+          const topic = url.searchParams.get('topic') ?? '';
+          await authorizePublish(core, topic, credentialsFrom((name) => request.headers.get(name), url, false), undefined);
           const body = await readBody(request, core.options.maxBodyBytes);
-          await core.publish(url.searchParams.get('topic') ?? '', body);
+          await core.publish(topic, body);
           return new Response(null, { status: 204, headers: cors() });
         }
         case 'health':
@@ -56,12 +74,12 @@ export function createFetchHandler(core: RelayCore, metrics: Registry): FetchHan
       }
     } catch (err) {
       const error = toRelayError(err);
-      return json(error.status, error.toJSON(), cors());
+      return json(error.status, error.toJSON(), { ...cors(), ...retryAfterHeaders(error) });
     }
   };
 }
 
-async function events(core: RelayCore, request: Request, url: URL, headers: Record<string, string>): Promise<Response> {
+async function events(core: RelayCore, request: Request, url: URL, headers: Record<string, string>, clientAddress: string | undefined): Promise<Response> {
   let controller!: ReadableStreamDefaultController<Uint8Array>;
   let sinkEvents: SinkEvents | undefined;
   const stream = new ReadableStream<Uint8Array>(
@@ -83,6 +101,8 @@ async function events(core: RelayCore, request: Request, url: URL, headers: Reco
       topics: url.searchParams.get('topics'),
       sessionId: url.searchParams.get('session_id'),
       lastEventId: request.headers.get('last-event-id') ?? url.searchParams.get('last_event_id'),
+      clientAddress,
+      credentials: credentialsFrom((name) => request.headers.get(name), url, true),
     },
     (session) => {
       const connection = new SseConnection(
@@ -121,6 +141,12 @@ async function events(core: RelayCore, request: Request, url: URL, headers: Reco
     },
   );
   return new Response(stream, { status: 200, headers: { ...SSE_HEADERS, ...headers } });
+}
+
+function remoteAddressOf(client: unknown): string | undefined {
+  const given = client as { clientAddress?: unknown; incoming?: { socket?: { remoteAddress?: unknown } } } | null | undefined;
+  const address = given?.clientAddress ?? given?.incoming?.socket?.remoteAddress;
+  return typeof address === 'string' ? address : undefined;
 }
 
 async function readBody(request: Request, limit: number): Promise<Buffer> {

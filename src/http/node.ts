@@ -1,9 +1,11 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Registry } from 'prom-client';
+import { credentialsFrom } from '../auth.ts';
 import { RelayError, toRelayError } from '../errors.ts';
+import { retryAfterHeaders } from '../limits.ts';
 import type { RelayCore } from '../relay.ts';
 import { SseConnection, type ByteSink } from '../sse.ts';
-import { METHODS, SSE_HEADERS, JSON_TYPE, checkPublishAllowed, corsHeaders, endpointFor, parseUpdateBody, tooLarge } from './shared.ts';
+import { METHODS, SSE_HEADERS, JSON_TYPE, authorizePublish, corsHeaders, endpointFor, parseUpdateBody, tooLarge } from './shared.ts';
 
 export type NodeHandler = (req: IncomingMessage, res: ServerResponse) => Promise<void>;
 export type NodeMiddleware = (req: IncomingMessage, res: ServerResponse, next?: (err?: unknown) => void) => Promise<void>;
@@ -18,14 +20,16 @@ export interface NodeHandlers {
 
 /** node:http request handlers; also fit Express, Connect and Fastify's raw request/response. */
 export function createNodeHandlers(core: RelayCore, metrics: Registry): NodeHandlers {
-  const cors = (req: IncomingMessage, preflight = false) => corsHeaders(req.headers.origin, core.options.cors, preflight);
+  const cors = (req: IncomingMessage, preflight = false) => corsHeaders(req.headers.origin, core.options.cors, preflight, core.auth !== undefined);
+  const credentials = (req: IncomingMessage, url: URL, cookie: boolean) => credentialsFrom((name) => header(req, name), url, cookie);
+  const clientAddress = (req: IncomingMessage) => core.limits.clientAddress(req.socket.remoteAddress, req.headers['x-forwarded-for']);
 
   const events: NodeHandler = async (req, res) => {
     const url = new URL(req.url ?? '/', 'http://relay');
     const lastEventId = header(req, 'last-event-id') ?? url.searchParams.get('last_event_id');
     try {
       await core.openStream(
-        { topics: url.searchParams.get('topics'), sessionId: url.searchParams.get('session_id'), lastEventId },
+        { topics: url.searchParams.get('topics'), sessionId: url.searchParams.get('session_id'), lastEventId, clientAddress: clientAddress(req), credentials: credentials(req, url, true) },
         (session) => {
           res.writeHead(200, { ...SSE_HEADERS, ...cors(req) });
           req.socket.setNoDelay(true);
@@ -34,7 +38,7 @@ export function createNodeHandlers(core: RelayCore, metrics: Registry): NodeHand
           const { drained, gone } = connection.events;
           res.on('drain', drained);
           res.once('close', gone);
-          if (res.destroyed || req.socket.destroyed) gone();
+          if (isGone(res) || req.socket.destroyed) gone();
           return connection;
         },
       );
@@ -45,8 +49,10 @@ export function createNodeHandlers(core: RelayCore, metrics: Registry): NodeHand
 
   const update: NodeHandler = async (req, res) => {
     try {
+      // Who asks, before the body is read.
+      const principal = await core.authenticate(credentials(req, new URL(req.url ?? '/', 'http://relay'), true));
       const body = await readBody(req, core.options.maxBodyBytes);
-      const result = await core.updateSubscriptions(parseUpdateBody(header(req, 'content-type'), body));
+      const result = await core.updateSubscriptions(parseUpdateBody(header(req, 'content-type'), body), principal);
       sendJson(res, 200, result, cors(req));
     } catch (err) {
       sendError(res, toRelayError(err), cors(req));
@@ -55,8 +61,11 @@ export function createNodeHandlers(core: RelayCore, metrics: Registry): NodeHand
 
   const publish: NodeHandler = async (req, res) => {
     try {
-      checkPublishAllowed(core.options.publish, header(req, 'authorization'), req.socket.localAddress);
-      const topic = new URL(req.url ?? '/', 'http://relay').searchParams.get('topic');
+      // The cheapest refusal first: before the bearer is checked or the body read.
+      core.limits.takePublish(clientAddress(req));
+      const url = new URL(req.url ?? '/', 'http://relay');
+      const topic = url.searchParams.get('topic');
+      await authorizePublish(core, topic ?? '', credentials(req, url, false), req.socket.localAddress);
       const body = await readBody(req, core.options.maxBodyBytes);
       await core.publish(topic ?? '', Buffer.isBuffer(body) ? body : Buffer.from(typeof body === 'string' ? body : JSON.stringify(body)));
       res.writeHead(204, cors(req)).end();
@@ -112,11 +121,16 @@ export function createNodeHandlers(core: RelayCore, metrics: Registry): NodeHand
   return { handler, events, update, publish };
 }
 
+/** True once the client is gone. An HTTP/2 response (node:http2's compatibility API) has no `destroyed`: its stream has. */
+function isGone(res: ServerResponse): boolean {
+  return res.destroyed || ((res as { stream?: { destroyed: boolean } }).stream?.destroyed ?? false);
+}
+
 /** Writes a batch in one corked write, so a tick's frames leave a socket together. */
 function responseSink(res: ServerResponse): ByteSink {
   return {
     write(chunks) {
-      if (res.destroyed) return false;
+      if (isGone(res)) return false;
       let ok = true;
       res.cork();
       for (const chunk of chunks) ok = res.write(chunk);
@@ -124,7 +138,7 @@ function responseSink(res: ServerResponse): ByteSink {
       return ok;
     },
     end() {
-      if (!res.destroyed) res.end();
+      if (!isGone(res)) res.end();
     },
     destroy() {
       res.destroy();
@@ -178,6 +192,7 @@ function sendError(res: ServerResponse, error: RelayError, headers: Record<strin
     return;
   }
   // A body we did not read (too large) is not worth draining: close the connection after answering.
-  const extra: Record<string, string> = error.code === 'too-large' ? { connection: 'close' } : {};
+  // (HTTP/2 has no Connection header: node drops it with a warning.)
+  const extra: Record<string, string> = error.code === 'too-large' ? (res.req?.httpVersionMajor === 2 ? {} : { connection: 'close' }) : retryAfterHeaders(error);
   sendJson(res, error.status, error.toJSON(), { ...headers, ...extra });
 }

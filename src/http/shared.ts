@@ -1,9 +1,10 @@
 import { timingSafeEqual } from 'node:crypto';
+import type { Credentials } from '../auth.ts';
 import { RelayError } from '../errors.ts';
 import { isLoopbackHost } from '../net.ts';
 import type { CorsOptions, PublishSetting, RelayPaths } from '../options.ts';
-import type { UpdateRequest } from '../relay.ts';
-import { assertTopicArray, parseTopicList } from '../topics.ts';
+import type { RelayCore, UpdateRequest } from '../relay.ts';
+import { assertTopic, assertTopicArray, parseTopicList } from '../topics.ts';
 
 /** Request handling shared by the node:http and fetch adapters. */
 
@@ -33,8 +34,12 @@ export const SSE_HEADERS: Record<string, string> = {
 
 export const JSON_TYPE = 'application/json; charset=utf-8';
 
-/** CORS response headers for a request from `origin`, or none when it is not allowed. */
-export function corsHeaders(origin: string | undefined, cors: CorsOptions | false, preflight: boolean): Record<string, string> {
+/**
+ * CORS response headers for a request from `origin`, or none when it is not allowed.
+ * `credentials` (auth on) lets listed origins send cookies (EventSource `withCredentials`);
+ * never with '*', which the relay refuses together with auth when it is created.
+ */
+export function corsHeaders(origin: string | undefined, cors: CorsOptions | false, preflight: boolean, credentials = false): Record<string, string> {
   if (cors === false) return {};
   if (origin === undefined) return cors.origins === '*' ? {} : { vary: 'Origin' };
   const headers: Record<string, string> = {};
@@ -43,6 +48,7 @@ export function corsHeaders(origin: string | undefined, cors: CorsOptions | fals
   } else if (cors.origins.includes(origin)) {
     headers['access-control-allow-origin'] = origin;
     headers.vary = 'Origin';
+    if (credentials) headers['access-control-allow-credentials'] = 'true';
   } else {
     // The answer depends on Origin: shared caches must not reuse it for an allowed origin.
     return { vary: 'Origin' };
@@ -107,21 +113,39 @@ function requireSessionId(value: unknown): string {
 
 /**
  * Checks that publishing over HTTP is allowed for this request: `localAddress` is the address
- * the request arrived on, when the adapter knows it.
+ * the request arrived on, when the adapter knows it. Returns true when the request carries the
+ * publish option's token. With `auth` on, a request without that token is not refused here: its
+ * bearer's publish grants decide (see `authorizePublish`).
  */
-export function checkPublishAllowed(setting: PublishSetting | undefined, authorization: string | undefined | null, localAddress: string | undefined): void {
+export function checkPublishAllowed(setting: PublishSetting | undefined, authorization: string | undefined | null, localAddress: string | undefined, auth = false): boolean {
   if (setting === false || setting === undefined) {
     throw new RelayError('not-found', 'publishing over HTTP is disabled on this relay (enable it with the publish option)');
   }
-  if (setting === true) return;
+  if (setting === true) return false;
   if (setting === 'loopback') {
-    if (localAddress !== undefined && isLoopbackHost(localAddress)) return;
+    if (localAddress !== undefined && isLoopbackHost(localAddress)) return false;
     throw new RelayError('forbidden', 'publishing over HTTP is allowed by default only on a loopback listener with the in-memory broker; set the publish option to a token (or true) to allow it here');
   }
   const match = /^Bearer\s+(.+)$/i.exec(authorization ?? '');
   const given = Buffer.from(match?.[1] ?? '');
   const expected = Buffer.from(setting.token);
-  if (given.length !== expected.length || !timingSafeEqual(given, expected)) throw new RelayError('forbidden', 'publishing needs a valid bearer token');
+  if (given.length === expected.length && timingSafeEqual(given, expected)) return true;
+  if (auth) return false;
+  throw new RelayError('forbidden', 'publishing needs a valid bearer token');
+}
+
+/**
+ * `POST /publish`: the publish option decides whether the endpoint is open (and its token
+ * publishes anything); with auth on, any other bearer needs a publish grant for the topic.
+ * The credentials carry no cookie (see Credentials).
+ */
+export async function authorizePublish(core: RelayCore, topic: string, credentials: Credentials, localAddress: string | undefined): Promise<void> {
+  const viaToken = checkPublishAllowed(core.options.publish, credentials.authorization, localAddress, core.auth !== undefined);
+  if (viaToken || core.auth === undefined) return;
+  assertTopic(topic);
+  const principal = await core.auth.authenticate(credentials);
+  const refused = await core.auth.denied(principal, 'publish', [topic]);
+  if (refused.length > 0) throw refused[0]!;
 }
 
 export function tooLarge(limit: number): RelayError {

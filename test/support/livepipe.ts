@@ -61,13 +61,22 @@ export class LivepipeProcess {
     return this.child.exitCode === null && this.child.signalCode === null;
   }
 
-  /** Waits for the start line; returns the base URL it names (with the real port) and the broker. */
+  /**
+   * Waits for the start record (`{"level":"info",…,"msg":"livepipe listening on <url> (broker <url>)","url":…}`);
+   * returns the base URL it names (with the real port), the broker, and the record's line.
+   */
   async started(ms = 10_000): Promise<{ base: string; broker: string; line: string }> {
-    const pattern = /^livepipe listening on (http:\/\/\S+) \(broker (.+)\)$/m;
-    await this.until(() => pattern.test(this.stdout) || !this.running, ms, 'the start line');
-    const match = pattern.exec(this.stdout);
-    if (match === null) throw new Error(`livepipe did not start; stderr:\n${this.stderr}`);
-    return { base: match[1]!, broker: match[2]!, line: match[0] };
+    const find = () => parseRecords(this.stdout, false).find((r) => typeof r.msg === 'string' && r.msg.startsWith('livepipe listening on '));
+    await this.until(() => find() !== undefined || !this.running, ms, 'the start record');
+    const record = find();
+    if (record === undefined) throw new Error(`livepipe did not start; stdout:\n${this.stdout}\nstderr:\n${this.stderr}`);
+    const line = this.stdout.split('\n').find((l) => l.includes('"livepipe listening on '))!;
+    return { base: record.url, broker: record.broker, line };
+  }
+
+  /** The JSON log records on stdout so far (complete lines only). */
+  records(): LogRecord[] {
+    return parseRecords(this.stdout);
   }
 
   /** Sends `signal` and waits for the process to exit. */
@@ -101,6 +110,32 @@ export class LivepipeProcess {
     this.changed = [];
     for (const f of waiting) f();
   }
+}
+
+/** A JSON log record of livepipe (pino): `level` is the level's name. */
+export interface LogRecord {
+  level: string;
+  time: string;
+  msg: string;
+  [key: string]: any;
+}
+
+/**
+ * The JSON records among the complete lines of `output`. When `strict`, a line that is not one
+ * throws (every stdout line of the server is a record); otherwise it is skipped.
+ */
+export function parseRecords(output: string, strict = true): LogRecord[] {
+  const lines = output.split('\n');
+  lines.pop(); // the part after the last newline: empty, or a line still being written
+  const records: LogRecord[] = [];
+  for (const line of lines) {
+    try {
+      records.push(JSON.parse(line) as LogRecord);
+    } catch {
+      if (strict) throw new Error(`not a JSON log record: ${line}`);
+    }
+  }
+  return records;
 }
 
 /** Runs livepipe to completion (for flags that make it exit at once). */
