@@ -1,0 +1,3 @@
+module livepipe/bench/loadgen
+
+go 1.26
