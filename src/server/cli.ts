@@ -5,6 +5,7 @@ import type { AddressInfo } from 'node:net';
 import { openBroker, type Broker } from '../brokers/index.ts';
 import { createRelay, type Relay, type RpcMiddleware } from '../index.ts';
 import { parseCli, printConfig, relayOptions, usage, UsageError, type ServerConfig } from './args.ts';
+import { SERVER_DEFAULTS } from './config.ts';
 import { isClusterPrimary, isClusterWorker, joinCluster, runPrimary, workerStarted } from './cluster.ts';
 import { createListener, readTls, type Listener, type TlsMaterial } from './listen.ts';
 import { brokerLog, createLogger, logRequest, pathOf, silentLogger, type Logger } from './log.ts';
@@ -13,8 +14,6 @@ import { startTracing, type Tracing } from './tracing.ts';
 
 /** The standalone server of PROTOCOL.md section 7: `livepipe [--port n] [--host a] [--broker url]`. */
 
-/** How long a graceful shutdown may take before the process exits anyway, unless `shutdownTimeoutMs` says otherwise. */
-export const DEFAULT_SHUTDOWN_TIMEOUT_MS = 10_000;
 /**
  * A stopping server tells SSE clients to reconnect within this delay, each at a random point in
  * it: soon, so users see no gap, but spread, so the remaining instances are not hit all at once.
@@ -194,7 +193,7 @@ export async function main(argv: string[] = process.argv.slice(2), env: NodeJS.P
   // From here on every line on stdout is a JSON log record (see log.ts); only usage errors above are plain.
   const log = createLogger(config.logLevel);
   // --workers N: this process supervises N workers, each of which runs this same command.
-  if (isClusterPrimary(config)) return runPrimary(config, { log, shutdownMs: config.shutdownTimeoutMs ?? DEFAULT_SHUTDOWN_TIMEOUT_MS });
+  if (isClusterPrimary(config)) return runPrimary(config, { log, shutdownMs: config.shutdownTimeoutMs ?? SERVER_DEFAULTS.shutdownTimeoutMs });
   let running: RunningServer;
   try {
     running = await startServer(config, log);
@@ -211,7 +210,7 @@ export async function main(argv: string[] = process.argv.slice(2), env: NodeJS.P
   running.server.on('error', serverError);
   running.grpcServer?.on('error', serverError);
 
-  const timeoutMs = config.shutdownTimeoutMs ?? DEFAULT_SHUTDOWN_TIMEOUT_MS;
+  const timeoutMs = config.shutdownTimeoutMs ?? SERVER_DEFAULTS.shutdownTimeoutMs;
   let signalled = false;
   const stop = (signal: NodeJS.Signals) => {
     if (signalled) {

@@ -15,6 +15,7 @@ import { setSessionIdPrefix } from '../session.ts';
 import type { ServerConfig } from './args.ts';
 import type { Listener, RequestListener, UpgradeListener } from './listen.ts';
 import type { Logger } from './log.ts';
+import { SERVER_DEFAULTS } from './config.ts';
 
 /**
  * `--workers N`: N processes serve one port (node:cluster). Each worker is a complete relay with
@@ -78,7 +79,7 @@ function isMessage(value: unknown): value is Message {
 
 /** True in the process that should run the primary rather than serve. */
 export function isClusterPrimary(config: Pick<ServerConfig, 'workers'>): boolean {
-  return (config.workers ?? 1) > 1 && cluster.isPrimary;
+  return (config.workers ?? SERVER_DEFAULTS.workers) > 1 && cluster.isPrimary;
 }
 
 /** True in a worker that runPrimary started (not in a worker of some other cluster that embeds startServer). */
@@ -97,7 +98,7 @@ export interface PrimaryOptions {
 
 /** Starts config.workers workers running this same command, and supervises them until a signal stops them all. */
 export function runPrimary(config: ServerConfig, { log, shutdownMs }: PrimaryOptions): void {
-  const count = config.workers ?? 1;
+  const count = config.workers ?? SERVER_DEFAULTS.workers;
   // Private sockets exist only where connections cannot be handed over: TLS.
   const socketDir = config.tls === undefined ? undefined : mkdtempSync(join(tmpdir(), 'livepipe-'));
   // 'advanced' carries Buffers as bytes (publishes) and still passes sockets.

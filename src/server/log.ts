@@ -2,6 +2,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import { pino, type DestinationStream, type Logger } from 'pino';
 import type { BrokerOptions } from '../brokers/index.ts';
 import type { ServerConfig } from './args.ts';
+import { SERVER_DEFAULTS } from './config.ts';
 
 /**
  * The server's logs: one JSON object per line on stdout (pino), e.g.
@@ -13,14 +14,13 @@ import type { ServerConfig } from './args.ts';
 export type { Logger };
 export type LogLevel = NonNullable<ServerConfig['logLevel']>;
 
-export const DEFAULT_LOG_LEVEL: LogLevel = 'info';
 
 /**
  * A logger at `level` writing to `destination`: stdout by default, synchronously, as
  * process.stdout writes to a pipe on Linux anyway. An asynchronous stream could lose or reorder
  * the last records when the process exits right after them, as it does after a shutdown.
  */
-export function createLogger(level: LogLevel = DEFAULT_LOG_LEVEL, destination: DestinationStream = pino.destination({ dest: 1, sync: true })): Logger {
+export function createLogger(level: LogLevel = SERVER_DEFAULTS.logLevel, destination: DestinationStream = pino.destination({ dest: 1, sync: true })): Logger {
   return pino(
     {
       level,
