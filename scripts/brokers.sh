@@ -34,10 +34,10 @@ SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 BASE=${LIVEPIPE_BROKERS_DIR:-/tmp/livepipe-brokers}
 TIMEOUT=${LIVEPIPE_BROKERS_TIMEOUT:-120}
 HOST=127.0.0.1
+PROG=brokers
+# shellcheck source=scripts/lib/servers.sh
+source "$SCRIPT_DIR/lib/servers.sh"
 export DEBIAN_FRONTEND=noninteractive
-
-log() { printf 'brokers: %s\n' "$*" >&2; }
-die() { printf 'brokers: ERROR: %s\n' "$*" >&2; exit 1; }
 
 usage() {
   sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
@@ -62,9 +62,12 @@ url_of() {
   esac
 }
 
-dir_of() { echo "$BASE/$1"; }
-logfile_of() { echo "$BASE/$1/$1.log"; }
-pidfile_of() { echo "$BASE/$1/$1.pid"; }
+# PostgreSQL records its own pid in postmaster.pid once it runs (pg_ctl forks).
+server_pidfile() {
+  local pg
+  pg="$(dir_of postgres)/data/postmaster.pid"
+  if [[ $1 == postgres && -s $pg ]]; then echo "$pg"; else echo "$2"; fi
+}
 
 # What /proc/PID/cmdline must contain for a pid file to still be ours.
 proc_pattern() {
@@ -72,111 +75,6 @@ proc_pattern() {
     rabbitmq) echo 'beam' ;; nats) echo 'nats-server' ;; redis) echo 'redis-server' ;;
     mosquitto) echo 'mosquitto' ;; postgres) echo 'postgres' ;; kafka) echo 'kafka.Kafka' ;;
   esac
-}
-
-# ---------------------------------------------------------------- helpers
-
-# True if something accepts TCP connections on 127.0.0.1:$1.
-port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
-
-# Which process listens on port $1 (best effort, for error messages).
-port_owner() {
-  if command -v ss >/dev/null 2>&1; then
-    ss -Hltnp "sport = :$1" 2>/dev/null | head -3
-  fi
-}
-
-# True if process $1 exists and is not a zombie (our daemons are reparented
-# to PID 1, which may reap them late; kill -0 succeeds on zombies).
-pid_alive() {
-  local st
-  kill -0 "$1" 2>/dev/null || return 1
-  st=$(sed -n 's/^[0-9]* (.*) \([A-Za-z]\) .*/\1/p' "/proc/$1/stat" 2>/dev/null) || return 1
-  [[ -n $st && $st != Z && $st != X ]]
-}
-
-# Prints the pid recorded for broker $1 if that process is alive and is the
-# server we started; prints nothing otherwise.
-live_pid() {
-  local name=$1 pidfile pid
-  pidfile=$(pidfile_of "$name")
-  if [[ $name == postgres && -s "$(dir_of postgres)/data/postmaster.pid" ]]; then
-    pidfile="$(dir_of postgres)/data/postmaster.pid"
-  fi
-  [[ -s $pidfile ]] || return 0
-  pid=$(head -n1 "$pidfile" | tr -dc '0-9')
-  [[ -n $pid ]] || return 0
-  pid_alive "$pid" || return 0
-  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -- "$(proc_pattern "$name")" >/dev/null || return 0
-  echo "$pid"
-}
-
-# wait_until BROKER DESCRIPTION CMD...: retry CMD until it succeeds, the
-# server process dies, or $TIMEOUT seconds pass.
-wait_until() {
-  local name=$1 what=$2; shift 2
-  local deadline=$((SECONDS + TIMEOUT))
-  while :; do
-    if "$@" >/dev/null 2>&1; then return 0; fi
-    if [[ -z $(live_pid "$name") ]]; then
-      fail_log "$name" "exited while waiting for $what"
-    fi
-    if ((SECONDS >= deadline)); then
-      fail_log "$name" "not ready after ${TIMEOUT}s (waiting for $what)"
-    fi
-    sleep 0.2
-  done
-}
-
-fail_log() {
-  local name=$1 msg=$2 lf
-  lf=$(logfile_of "$name")
-  {
-    printf 'brokers: ERROR: %s %s; log: %s\n' "$name" "$msg" "$lf"
-    if [[ -f $lf ]]; then
-      echo "---- last lines of $lf ----"
-      tail -n 25 "$lf"
-      echo "----"
-    fi
-  } >&2
-  exit 1
-}
-
-# Refuse to start when a foreign process already holds the port.
-check_port_free() {
-  local name=$1 port
-  port=$(port_of "$name")
-  if port_open "$port"; then
-    die "$name: port $port on $HOST is already in use by a process this script did not start:
-$(port_owner "$port")
-Stop that process (or, if it is ours from another LIVEPIPE_BROKERS_DIR, 'down' it there), then run 'scripts/brokers.sh up $name' again."
-  fi
-}
-
-# stop_pid BROKER PID: SIGTERM, wait for exit, SIGKILL as a last resort.
-stop_pid() {
-  local name=$1 pid=$2 i
-  kill -TERM "$pid" 2>/dev/null || true
-  for ((i = 0; i < 600; i++)); do # 60 s
-    pid_alive "$pid" || return 0
-    sleep 0.1
-  done
-  log "$name (pid $pid) ignored SIGTERM for 60s; killing it"
-  kill -KILL "$pid" 2>/dev/null || true
-  for ((i = 0; i < 50; i++)); do
-    pid_alive "$pid" || return 0
-    sleep 0.1
-  done
-  die "$name (pid $pid) would not exit"
-}
-
-# Start a long-running foreground server detached from our session and our
-# stdio (callers such as test runners wait for EOF on their pipes), recording
-# its pid. Usage: spawn BROKER CMD...
-spawn() {
-  local name=$1; shift
-  setsid bash -c 'echo $$ >"$1"; shift; exec "$@"' spawn "$(pidfile_of "$name")" "$@" \
-    </dev/null 9>&- >>"$(logfile_of "$name")" 2>&1 &
 }
 
 # ------------------------------------------------------------- installing
@@ -617,34 +515,6 @@ up_wait() {
   done
   "ready_$name"
   log "$name up (pid $(live_pid "$name"), $((SECONDS - UP_T0[$name]))s) at $(url_of "$name")"
-}
-
-down_one() {
-  local name=$1 pid
-  pid=$(live_pid "$name")
-  if [[ -z $pid ]]; then
-    rm -f "$(pidfile_of "$name")"
-    log "$name not running"
-    return 0
-  fi
-  if declare -F "stop_$name" >/dev/null; then
-    "stop_$name" "$pid"
-  else
-    stop_pid "$name" "$pid"
-  fi
-  rm -f "$(pidfile_of "$name")"
-  log "$name stopped"
-}
-
-status_one() {
-  local name=$1 pid
-  pid=$(live_pid "$name")
-  if [[ -n $pid ]] && port_open "$(port_of "$name")"; then
-    printf '%-10s %-8s %s\n' "$name" running "$(url_of "$name")"
-    return 0
-  fi
-  printf '%-10s %-8s %s\n' "$name" stopped "$(url_of "$name")"
-  return 1
 }
 
 main() {

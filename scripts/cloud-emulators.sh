@@ -28,12 +28,12 @@ SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 BASE=${LIVEPIPE_BROKERS_DIR:-/tmp/livepipe-brokers}
 TIMEOUT=${LIVEPIPE_BROKERS_TIMEOUT:-120}
 HOST=127.0.0.1
+PROG=cloud-emulators
+# shellcheck source=scripts/lib/servers.sh
+source "$SCRIPT_DIR/lib/servers.sh"
 MOTO_VERSION=5.2.5
 export DEBIAN_FRONTEND=noninteractive
 export HOME=${HOME:-/root} # go and pip keep their caches there
-
-log() { printf 'cloud-emulators: %s\n' "$*" >&2; }
-die() { printf 'cloud-emulators: ERROR: %s\n' "$*" >&2; exit 1; }
 
 usage() {
   sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
@@ -49,91 +49,8 @@ url_of() {
   esac
 }
 
-dir_of() { echo "$BASE/$1"; }
-logfile_of() { echo "$BASE/$1/$1.log"; }
-pidfile_of() { echo "$BASE/$1/$1.pid"; }
-
 # What /proc/PID/cmdline must contain for a pid file to still be ours.
 proc_pattern() { case $1 in pubsub) echo 'pubsub-emulator' ;; moto) echo 'moto_server' ;; esac; }
-
-# ---------------------------------------------------------------- helpers
-
-port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
-
-port_owner() {
-  if command -v ss >/dev/null 2>&1; then
-    ss -Hltnp "sport = :$1" 2>/dev/null | head -3
-  fi
-}
-
-# True if process $1 exists and is not a zombie.
-pid_alive() {
-  local st
-  kill -0 "$1" 2>/dev/null || return 1
-  st=$(sed -n 's/^[0-9]* (.*) \([A-Za-z]\) .*/\1/p' "/proc/$1/stat" 2>/dev/null) || return 1
-  [[ -n $st && $st != Z && $st != X ]]
-}
-
-# Prints the recorded pid of emulator $1 if that process is alive and ours.
-live_pid() {
-  local name=$1 pidfile pid
-  pidfile=$(pidfile_of "$name")
-  [[ -s $pidfile ]] || return 0
-  pid=$(head -n1 "$pidfile" | tr -dc '0-9')
-  [[ -n $pid ]] || return 0
-  pid_alive "$pid" || return 0
-  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -- "$(proc_pattern "$name")" >/dev/null || return 0
-  echo "$pid"
-}
-
-fail_log() {
-  local name=$1 msg=$2 lf
-  lf=$(logfile_of "$name")
-  {
-    printf 'cloud-emulators: ERROR: %s %s; log: %s\n' "$name" "$msg" "$lf"
-    if [[ -f $lf ]]; then
-      echo "---- last lines of $lf ----"
-      tail -n 25 "$lf"
-      echo "----"
-    fi
-  } >&2
-  exit 1
-}
-
-# wait_until NAME DESCRIPTION CMD...: retry CMD until it succeeds, the process dies, or $TIMEOUT s pass.
-wait_until() {
-  local name=$1 what=$2; shift 2
-  local deadline=$((SECONDS + TIMEOUT))
-  while :; do
-    if "$@" >/dev/null 2>&1; then return 0; fi
-    [[ -n $(live_pid "$name") ]] || fail_log "$name" "exited while waiting for $what"
-    ((SECONDS < deadline)) || fail_log "$name" "not ready after ${TIMEOUT}s (waiting for $what)"
-    sleep 0.2
-  done
-}
-
-stop_pid() {
-  local name=$1 pid=$2 i
-  kill -TERM "$pid" 2>/dev/null || true
-  for ((i = 0; i < 300; i++)); do # 30 s
-    pid_alive "$pid" || return 0
-    sleep 0.1
-  done
-  log "$name (pid $pid) ignored SIGTERM for 30s; killing it"
-  kill -KILL "$pid" 2>/dev/null || true
-  for ((i = 0; i < 50; i++)); do
-    pid_alive "$pid" || return 0
-    sleep 0.1
-  done
-  die "$name (pid $pid) would not exit"
-}
-
-# Start a foreground server detached from our session and stdio, recording its pid.
-spawn() {
-  local name=$1; shift
-  setsid bash -c 'echo $$ >"$1"; shift; exec "$@"' spawn "$(pidfile_of "$name")" "$@" \
-    </dev/null 9>&- >>"$(logfile_of "$name")" 2>&1 &
-}
 
 apt_install() {
   [[ $(id -u) == 0 ]] || die "missing packages ($*); run as root to install them"
@@ -232,10 +149,7 @@ up_one() {
     return 0
   fi
   rm -f "$(pidfile_of "$name")"
-  if port_open "$(port_of "$name")"; then
-    die "$name: port $(port_of "$name") on $HOST is already in use by a process this script did not start:
-$(port_owner "$(port_of "$name")")"
-  fi
+  check_port_free "$name"
   echo "=== starting $name $(date -Is)" >>"$(logfile_of "$name")"
   "start_$name"
   local deadline=$((SECONDS + 30))
@@ -245,30 +159,6 @@ $(port_owner "$(port_of "$name")")"
   done
   "ready_$name"
   log "$name up (pid $(live_pid "$name"), $((SECONDS - t0))s) at $(url_of "$name")"
-}
-
-down_one() {
-  local name=$1 pid
-  pid=$(live_pid "$name")
-  if [[ -z $pid ]]; then
-    rm -f "$(pidfile_of "$name")"
-    log "$name not running"
-    return 0
-  fi
-  stop_pid "$name" "$pid"
-  rm -f "$(pidfile_of "$name")"
-  log "$name stopped"
-}
-
-status_one() {
-  local name=$1 pid
-  pid=$(live_pid "$name")
-  if [[ -n $pid ]] && port_open "$(port_of "$name")"; then
-    printf '%-8s %-8s %s\n' "$name" running "$(url_of "$name")"
-    return 0
-  fi
-  printf '%-8s %-8s %s\n' "$name" stopped "$(url_of "$name")"
-  return 1
 }
 
 main() {
