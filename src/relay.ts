@@ -174,6 +174,11 @@ export class RelayCore {
       this.sessions.set(session.id, session);
       failures.push(...refused, ...(await this.addTopics(session, urlTopics.filter((t) => !refused.some((r) => r.topic === t)))));
     }
+    if (this.closing) {
+      // close() ran during an await above: it ended every stream it knew of, and would never end this one.
+      if (resumable === undefined) this.sessions.delete(session.id);
+      throw new RelayError('broker-unavailable', 'the relay is shutting down; reconnect to another instance');
+    }
 
     const connection = connect(session, principal);
     this.connections.add(connection);
@@ -249,6 +254,9 @@ export class RelayCore {
         const refused = await this.auth.denied(principal, 'subscribe', adding);
         if (refused.length > 0) throw new RelayError('forbidden', refused.map((r) => r.message).join('; '), { topic: refused[0]!.topic! });
       }
+      // The session may have expired while this update waited its turn (or for the auth check):
+      // topics added to it now would hold their broker subscriptions forever.
+      if (this.sessions.get(session.id) !== session) throw new RelayError('unknown-session', 'no such session (it expired); open a new stream');
       for (const topic of removing) {
         session.topics.delete(topic);
         this.hub.unsubscribe(session, topic);
@@ -373,6 +381,8 @@ export class RelayCore {
   /** Topics must pass PROTOCOL.md section 1 (checked when parsed) and the broker's own naming rules. */
   private checkTopics(topics: string[]): void {
     for (const topic of topics) {
+      // The transports checked section 1 already; the app's own updateSubscriptions call did not.
+      assertTopic(topic);
       const problem = this.broker.topicProblem(topic);
       if (problem !== undefined) {
         throw new RelayError('invalid-topic', `invalid topic ${JSON.stringify(topic)} for ${this.broker.scheme}://: ${problem}`, { topic });
@@ -405,6 +415,11 @@ export async function createRelayCore(options: RelayOptions): Promise<RelayCore>
   const owns = typeof options.broker === 'string';
   // Checked before the broker opens, so that bad limit or auth options leave nothing open.
   checkLimitOptions(resolved.limits);
+  // An empty token would match every request that sends none (an unset environment variable, say).
+  const publish = resolved.publish;
+  if (typeof publish === 'object' && !(typeof publish.token === 'string' && publish.token.length > 0)) {
+    throw new TypeError('publish.token must be a non-empty string');
+  }
   const auth = options.auth === undefined ? undefined : await Authorizer.create(options.auth, resolved.cors);
   const broker = typeof options.broker === 'string' ? await openBroker(options.broker) : options.broker;
   // With auth, publish grants decide who may publish over HTTP.

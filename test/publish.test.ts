@@ -174,6 +174,12 @@ describe('POST /publish when disabled or guarded by a token', () => {
     }
   });
 
+  it('refuses publish: { token: \'\' } (an unset environment variable, say) at creation, rather than opening /publish to requests without a token', async () => {
+    for (const token of ['', undefined]) {
+      await assert.rejects(createRelay({ broker: `mem://empty-token-${process.pid}`, publish: { token } as { token: string } }), /publish\.token/);
+    }
+  });
+
   it('publish: true enables it on any broker', async () => {
     const mem = new MemBroker(`true-${process.pid}-${Math.random()}`);
     const r = await startRelay({ broker: { ...brokerMethods(mem), scheme: 'fake' }, publish: true });

@@ -322,3 +322,42 @@ describe('relay.close()', () => {
     }
   });
 });
+
+describe('relay.close() while a stream is opening', () => {
+  it('ends a stream whose topics were still being subscribed when the relay closed, rather than leaving it open', async () => {
+    // A broker that acknowledges subscriptions only when the test says so.
+    const mem = new MemBroker(`gated-${process.pid}-${Math.random()}`);
+    let acknowledge!: () => void;
+    const acknowledged = new Promise<void>((resolve) => (acknowledge = resolve));
+    let asked!: () => void;
+    const subscribing = new Promise<void>((resolve) => (asked = resolve));
+    const r = await startRelay({
+      broker: {
+        scheme: 'mem',
+        topicProblem: () => undefined,
+        subscribe: async (topic: string, listener: SubscriptionListener): Promise<BrokerSubscription> => {
+          asked();
+          await acknowledged;
+          return mem.subscribe(topic, listener);
+        },
+        publish: (topic: string, body: Uint8Array) => mem.publish(topic, body),
+        isConnected: () => mem.isConnected(),
+        close: () => mem.close(),
+      },
+    });
+    try {
+      const opening = SseReader.open(`${r.base}/events?topics=a`);
+      await subscribing;
+      const closing = r.relay.close();
+      acknowledge();
+      await closing;
+      const s = await opening;
+      await s.until(() => s.ended, 5000, 'the stream to end');
+      assert.deepEqual(r.relay.stats().connections, {});
+      assert.equal(r.relay.stats().sessions, 0);
+    } finally {
+      await r.close();
+      await mem.close();
+    }
+  });
+});

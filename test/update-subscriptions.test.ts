@@ -234,6 +234,15 @@ describe('POST /update_subscriptions', () => {
     });
   });
 
+  it('relay.updateSubscriptions (the app\'s own call) refuses topics that break section 1, changing nothing', async () => {
+    const { s, sid } = await openStream(r, 'a');
+    for (const bad of ['x,y', '', '/httpsub/config', 'tab\there']) {
+      await assert.rejects(r.relay.updateSubscriptions({ sessionId: sid, add: [bad], remove: ['a'] }), (err: any) => err.code === 'invalid-topic', JSON.stringify(bad));
+    }
+    assert.deepEqual(await subscriptionsOf(r, sid), ['a']);
+    s.close();
+  });
+
   it('404 unknown-session', async () => {
     assertError(await update(r, { session_id: 'no-such-session', add: ['a'] }), 404, 'unknown-session');
     assertError(await update(r, new URLSearchParams({ session_id: 'no-such-session', sub_topics: 'a' }).toString(), FORM), 404, 'unknown-session');
@@ -324,6 +333,48 @@ describe('POST /update_subscriptions', () => {
       s.close();
     } finally {
       await big.close();
+      await mem.close();
+    }
+  });
+});
+
+describe('POST /update_subscriptions racing the session TTL', () => {
+  it('answers unknown-session to an update queued behind a slow one while the session expired, and subscribes nothing for it', async () => {
+    // A broker that acknowledges subscriptions only when the test says so.
+    const mem = new MemBroker(`gated-${process.pid}-${Math.random()}`);
+    let acknowledge!: () => void;
+    const acknowledged = new Promise<void>((resolve) => (acknowledge = resolve));
+    let asked!: () => void;
+    const subscribing = new Promise<void>((resolve) => (asked = resolve));
+    const gated: Broker = {
+      scheme: 'mem',
+      topicProblem: () => undefined,
+      subscribe: async (topic, listener) => {
+        asked();
+        await acknowledged;
+        return mem.subscribe(topic, listener);
+      },
+      publish: (topic, body) => mem.publish(topic, body),
+      isConnected: () => mem.isConnected(),
+      close: () => mem.close(),
+    };
+    const r = await startRelay({ broker: gated, sessionTtlMs: 50, topicGraceMs: 0 });
+    try {
+      const { s, sid } = await openStream(r);
+      const first = update(r, { session_id: sid, add: ['x'] });
+      await subscribing;
+      // Queued behind the first, which waits for the broker.
+      const second = update(r, { session_id: sid, add: ['y'] });
+      s.close();
+      while (r.relay.stats().sessions > 0) await new Promise((resolve) => setTimeout(resolve, 10));
+      acknowledge();
+      await first;
+      assertError(await second, 404, 'unknown-session');
+      // Nothing holds a broker subscription for the expired session.
+      while (r.relay.stats().topics > 0) await new Promise((resolve) => setTimeout(resolve, 10));
+      assert.deepEqual(mem.activeTopics(), []);
+    } finally {
+      await r.close();
       await mem.close();
     }
   });
