@@ -116,8 +116,9 @@ export class ConnectStreamConnection extends QueuedConnection {
     });
   }
 
-  protected heartbeat(): void {
+  protected heartbeat(): boolean {
     this.push({ event: { case: 'heartbeat', value: {} } });
+    return false; // like writeBatch: saturated until connect has pulled it
   }
 
   protected writeBatch(items: (RelayMessage | RelayError)[], lost: number): boolean {
@@ -292,7 +293,8 @@ export function createConnectNodeHandler(core: RelayCore): ConnectNodeHandler {
       .catch((err: unknown) => {
         // Writes fail when the client hung up or its stream was reset: the end of a stream, not an error.
         if (uReq.signal.aborted || req.destroyed) return;
-        process.stderr.write(`livepipe: ${req.url} failed: ${(err as Error).stack ?? String(err)}\n`);
+        // The path only: the query may hold an access_token.
+        process.stderr.write(`livepipe: ${(req.url ?? '').split('?', 1)[0]} failed: ${(err as Error).stack ?? String(err)}\n`);
       });
   };
 }

@@ -190,8 +190,12 @@ export abstract class QueuedConnection {
    */
   keepAlive(now: number): void {
     if (this.closed) return;
-    if (this.writable) this.heartbeat();
-    else if (this.saturatedSince !== undefined && now - this.saturatedSince >= this.limits.stallTimeoutMs) this.close(true);
+    if (this.writable) {
+      // As in flush(): a keep-alive can be the write that fills the socket, which starts the stall clock.
+      this.writable = false;
+      if (this.heartbeat()) this.writable = true;
+      if (!this.writable) this.saturatedSince ??= now;
+    } else if (this.saturatedSince !== undefined && now - this.saturatedSince >= this.limits.stallTimeoutMs) this.close(true);
   }
 
   /** The transport calls this when the client went away. */
@@ -205,8 +209,8 @@ export abstract class QueuedConnection {
 
   /** Sends the config event; called once, before any message. `id` is the resume position. */
   abstract open(config: ConfigPayload, id: string, retryMs: number): void;
-  /** Writes a keep-alive if the transport needs one. */
-  protected abstract heartbeat(): void;
+  /** Writes a keep-alive if the transport needs one. Returns false when that left it saturated. */
+  protected abstract heartbeat(): boolean;
   /** Writes queued items (oldest first), preceded by an events-lost report when `lost` > 0. Returns false when saturated. */
   protected abstract writeBatch(items: Pending[], lost: number): boolean;
   /** Ends the underlying stream: cleanly, or destroyed at once when `abort`. */

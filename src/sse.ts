@@ -39,8 +39,8 @@ export class SseConnection extends QueuedConnection {
     if (!this.closed) this.sink.write([configFrame(retryMs, id, config)]);
   }
 
-  protected heartbeat(): void {
-    this.sink.write([HEARTBEAT_FRAME]);
+  protected heartbeat(): boolean {
+    return this.sink.write([HEARTBEAT_FRAME]);
   }
 
   protected writeBatch(items: (RelayMessage | RelayError)[], lost: number): boolean {

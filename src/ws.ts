@@ -114,7 +114,9 @@ export class WsConnection extends QueuedConnection {
   }
 
   // Keep-alive is the ping above, sent to every connection whether quiet or not.
-  protected heartbeat(): void {}
+  protected heartbeat(): boolean {
+    return true; // pings keep WebSockets alive (see the relay-wide ping timer)
+  }
 
   protected writeBatch(items: (RelayMessage | RelayError)[], lost: number): boolean {
     const ws = this.ws;

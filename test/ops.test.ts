@@ -172,7 +172,9 @@ describe('metrics', () => {
     class Probe extends QueuedConnection {
       readonly transport = 'probe';
       open(): void {}
-      protected heartbeat(): void {}
+      protected heartbeat(): boolean {
+        return true;
+      }
       protected writeBatch(): boolean {
         return true;
       }
