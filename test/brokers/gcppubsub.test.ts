@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { PubSub } from '@google-cloud/pubsub';
 import type { Topic } from '@google-cloud/pubsub';
 import { describeConformance, Collector, freshTopic, rejectsWith, subscribeAll } from './conformance.ts';
-import { restartEmulator, unreachable } from './availability.ts';
+import { restartEmulator, skipUnlessCi, unreachable } from './availability.ts';
 import { openBroker } from '../../src/brokers/index.ts';
 import { GcpPubSubBroker, parseGcpPubSubUrl } from '../../src/brokers/gcppubsub.ts';
 
@@ -53,7 +53,7 @@ describeConformance({
   restartServer: () => restartEmulator('pubsub'),
 });
 
-describe('gcppubsub driver', { skip: unavailable }, () => {
+describe('gcppubsub driver', { skip: skipUnlessCi(unavailable) }, () => {
   it('enforces the topic id rules and names each in its error', async () => {
     const broker = await openPubSub();
     try {
