@@ -1,12 +1,10 @@
 package main
 
 import (
-	"bytes"
 	"fmt"
 	"io"
 	"math"
 	"net/http"
-	"net/url"
 	"os"
 	"strconv"
 	"sync/atomic"
@@ -99,19 +97,26 @@ func (ps *phaseSet) delivered(st *stream, seq, latency, now int64) {
 	}
 }
 
-// publisher POSTs {"seq":n,"t":ns} bodies from a pool of keep-alive connections.
+// publisher POSTs {"seq":n,"t":ns} bodies (or {"own":i,"t":ns} to own topics) from a pool of
+// keep-alive connections, in the request form the server under test takes (peers.go).
 type publisher struct {
+	cfg      *config
 	client   *http.Client
-	url      string
-	jobs     chan [2]int64
-	phases   *phaseSet
+	jobs     chan pubJob
+	phases   *phaseSet // nil for the own-topic publisher
 	pending  atomic.Int64
 	errors   atomic.Int64
 	firstErr atomic.Value
 }
 
+type pubJob struct {
+	seq, t int64
+	own    int // -1: the shared topic; else the stream whose own topic gets {"own":seq,...}
+}
+
 func newPublisher(c *config, ps *phaseSet) *publisher {
 	p := &publisher{
+		cfg:    c,
 		phases: ps,
 		client: &http.Client{
 			Timeout: 30 * time.Second,
@@ -124,8 +129,7 @@ func newPublisher(c *config, ps *phaseSet) *publisher {
 				DisableCompression: true,
 			},
 		},
-		url:  c.base.Scheme + "://" + c.base.Host + endpoint(c.base, "publish") + "?topic=" + url.QueryEscape(c.topic),
-		jobs: make(chan [2]int64, c.publishers),
+		jobs: make(chan pubJob, c.publishers),
 	}
 	for range c.publishers {
 		go p.work()
@@ -136,17 +140,34 @@ func newPublisher(c *config, ps *phaseSet) *publisher {
 func (p *publisher) work() {
 	var body []byte
 	for job := range p.jobs {
-		body = fmt.Appendf(body[:0], `{"seq":%d,"t":%d}`, job[0], job[1])
-		ph := p.phases.current()
+		topic := p.cfg.topic
+		if job.own >= 0 {
+			topic = ownTopic(job.own)
+			body = fmt.Appendf(body[:0], `{"own":%d,"t":%d}`, job.seq, job.t)
+		} else {
+			body = fmt.Appendf(body[:0], `{"seq":%d,"t":%d}`, job.seq, job.t)
+		}
+		var ph *phase
+		if p.phases != nil {
+			ph = p.phases.current()
+		}
 		sent := time.Now().UnixNano()
-		ph.sendLag.record(sent - job[1])
-		resp, err := p.client.Post(p.url, "application/json", bytes.NewReader(body))
-		ph.pubRTT.record(time.Now().UnixNano() - sent)
+		if ph != nil {
+			ph.sendLag.record(sent - job.t)
+		}
+		req, err := p.cfg.publishRequest(topic, body)
+		var resp *http.Response
+		if err == nil {
+			resp, err = p.client.Do(req)
+		}
+		if ph != nil {
+			ph.pubRTT.record(time.Now().UnixNano() - sent)
+		}
 		if err == nil {
 			_, _ = io.Copy(io.Discard, resp.Body)
 			resp.Body.Close()
-			if resp.StatusCode != http.StatusNoContent {
-				err = fmt.Errorf("POST /publish answered %s", resp.Status)
+			if resp.StatusCode/100 != 2 { // livepipe 204, nchan 201/202, pushpin 200
+				err = fmt.Errorf("publish answered %s", resp.Status)
 			}
 		}
 		if err != nil {
@@ -159,7 +180,7 @@ func (p *publisher) work() {
 
 func (p *publisher) send(seq, t int64) {
 	p.pending.Add(1)
-	p.jobs <- [2]int64{seq, t}
+	p.jobs <- pubJob{seq: seq, t: t, own: -1}
 }
 
 func (p *publisher) wait() {
@@ -222,6 +243,23 @@ type fanoutResult struct {
 	LoadgenRSSKB         int64   `json:"loadgen_rss_kb"`
 	FirstFailure         string  `json:"first_failure,omitempty"`
 	FirstPublishError    string  `json:"first_publish_error,omitempty"`
+	// -own-topics: messages to the streams' own topics, over all timed phases.
+	OwnPublished         int64   `json:"own_published,omitempty"`
+	OwnErrors            int64   `json:"own_publish_errors,omitempty"`
+	OwnReceived          int64   `json:"own_received,omitempty"`
+	OwnLost              int64   `json:"own_lost,omitempty"`
+	OwnRate              float64 `json:"own_rate,omitempty"`
+	OwnP50               float64 `json:"own_p50_ms,omitempty"`
+	OwnP99               float64 `json:"own_p99_ms,omitempty"`
+	ServerRSSConnectedKB int64   `json:"server_rss_connected_kb,omitempty"`
+	ServerRSSBeforeKB    int64   `json:"server_rss_before_kb,omitempty"`
+	// -churn: streams opened (until ready) and closed again, per second, during the timed phases.
+	ChurnCycles   int64   `json:"churn_cycles,omitempty"`
+	ChurnPerS     float64 `json:"churn_per_s,omitempty"`
+	ChurnErrors   int64   `json:"churn_errors,omitempty"`
+	ChurnReadyP50 float64 `json:"churn_ready_p50_ms,omitempty"`
+	ChurnReadyP99 float64 `json:"churn_ready_p99_ms,omitempty"`
+	ChurnFirstErr string  `json:"churn_first_error,omitempty"`
 }
 
 func runFanout(c *config) fanoutResult {
@@ -249,8 +287,13 @@ func runFanout(c *config) fanoutResult {
 	ps := &phaseSet{list: make([]*phase, len(plan)*(c.repeats+1))}
 
 	s := &swarm{cfg: c, phases: ps}
+	if c.ownTopics {
+		s.own = &ownStats{}
+	}
 	res := fanoutResult{Mode: "fanout", N: c.n}
+	res.ServerRSSBeforeKB = pidsKB(c.pids, "VmRSS")
 	res.ConnectSeconds = round(s.open().Seconds(), 2)
+	res.ServerRSSConnectedKB = pidsKB(c.pids, "VmRSS")
 	res.Connected = s.stats.configs.Load()
 	if res.Connected == 0 {
 		fatalf("no stream connected: %v", s.stats.firstFailure.Load())
@@ -260,7 +303,11 @@ func runFanout(c *config) fanoutResult {
 	seq := int64(1)
 	steppingFailed := false
 	repeatUntil := time.Now().Add(c.repeatBudget)
+	var side *sideLoad // own-topic publishing and churn, during the timed phases
 	for _, sp := range plan {
+		if sp.name != "warmup" && side == nil {
+			side = startSideLoad(c, s)
+		}
 		if sp.name == "step" && steppingFailed {
 			continue
 		}
@@ -297,11 +344,17 @@ func runFanout(c *config) fanoutResult {
 			steppingFailed = true
 		}
 	}
+	if side != nil {
+		side.stop(&res)
+	}
 	// Stragglers still count as received (late), not lost.
 	time.Sleep(c.drain)
-	if c.pid > 0 {
-		res.ServerRSSKB = procStatusKB(c.pid, "VmRSS")
-		res.ServerPeakRSSKB = procStatusKB(c.pid, "VmHWM")
+	if side != nil {
+		side.ownResult(&res)
+	}
+	if len(c.pids) > 0 {
+		res.ServerRSSKB = pidsKB(c.pids, "VmRSS")
+		res.ServerPeakRSSKB = pidsKB(c.pids, "VmHWM")
 	}
 	res.LoadgenRSSKB = procStatusKB(os.Getpid(), "VmRSS")
 	s.close()
@@ -363,9 +416,9 @@ func runFanout(c *config) fanoutResult {
 func waitQuiet(c *config, deadline time.Time) {
 	quiet := 0
 	for quiet < 2 && time.Now().Before(deadline) {
-		srv0, self0, all0 := procCPU(c.pid), selfCPU(), machineCPU()
+		srv0, self0, all0 := pidsCPU(c.pids), selfCPU(), machineCPU()
 		time.Sleep(time.Second)
-		other := float64(machineCPU()-all0-(procCPU(c.pid)-srv0)-(selfCPU()-self0)) / float64(time.Second)
+		other := float64(machineCPU()-all0-(pidsCPU(c.pids)-srv0)-(selfCPU()-self0)) / float64(time.Second)
 		if other < c.otherLimit {
 			quiet++
 		} else {
@@ -382,9 +435,9 @@ func runPhase(c *config, s *swarm, pub *publisher, p *phase, seq int64) int64 {
 	p.subscribers = int64(s.aliveCount())
 	p.first.Store(seq)
 	errBefore := pub.errors.Load()
-	srv0, self0, all0 := procCPU(c.pid), selfCPU(), machineCPU()
+	srv0, self0, all0 := pidsCPU(c.pids), selfCPU(), machineCPU()
 	coreBusy0, coreTotal0 := coreTicks()
-	writes0 := procWrites(c.pid)
+	writes0 := pidsWrites(c.pids)
 	start := time.Now()
 	p.startNs = start.UnixNano()
 
@@ -438,13 +491,13 @@ func runPhase(c *config, s *swarm, pub *publisher, p *phase, seq int64) int64 {
 	p.uniqueAtDrain = p.unique.Load()
 	p.lastRecvDrain = p.lastRecvNs.Load()
 	elapsed := time.Since(start)
-	p.serverCPU = round(float64(procCPU(c.pid)-srv0)/float64(elapsed), 2)
+	p.serverCPU = round(float64(pidsCPU(c.pids)-srv0)/float64(elapsed), 2)
 	p.loadgenCPU = round(float64(selfCPU()-self0)/float64(elapsed), 2)
 	p.coresBusy = coresBusy(coreBusy0, coreTotal0)
 	if writes0 >= 0 {
-		p.serverWrites = procWrites(c.pid) - writes0
+		p.serverWrites = pidsWrites(c.pids) - writes0
 	}
-	if c.pid > 0 {
+	if len(c.pids) > 0 {
 		p.otherCPU = round(max(0, float64(machineCPU()-all0)/float64(elapsed)-p.serverCPU-p.loadgenCPU), 2)
 	}
 

@@ -34,7 +34,13 @@ type config struct {
 	sources     int
 	connectPar  int
 	connectWait time.Duration
-	pid         int
+	pids        []int // the server's processes (pushpin is several); RSS, CPU and writes are summed
+
+	peer      string // livepipe, nchan, pushpin, better-sse, raw-node (peers.go)
+	pubURL    string // pushpin: its HTTP publish endpoint
+	ownTopics bool   // each stream also subscribes to a topic of its own (o<i>)
+	ownRate   float64
+	churn     int
 
 	rate, stepDur, duration, drain, maxDur time.Duration
 	fixedRate                              float64
@@ -60,7 +66,13 @@ func main() {
 	flag.IntVar(&c.sources, "sources", 0, "loopback source IPs 127.0.0.2.. to spread connections over (0: one per 20000 connections when n > 20000)")
 	flag.IntVar(&c.connectPar, "connect-concurrency", 200, "connections being opened at once")
 	flag.DurationVar(&c.connectWait, "connect-timeout", 90*time.Second, "how long to wait for every stream's config event")
-	flag.IntVar(&c.pid, "pid", 0, "server pid, for its RSS and CPU time from /proc")
+	var pids string
+	flag.StringVar(&pids, "pid", "", "server pid(s), comma-separated, for RSS, CPU time and writes from /proc (summed)")
+	flag.StringVar(&c.peer, "peer", "livepipe", "server kind: livepipe, nchan, pushpin, better-sse, raw-node")
+	flag.StringVar(&c.pubURL, "pub-url", "http://127.0.0.1:5561/publish/", "pushpin: its HTTP publish API")
+	flag.BoolVar(&c.ownTopics, "own-topics", false, "each stream also subscribes to its own topic o<i> (many topics)")
+	flag.Float64Var(&c.ownRate, "own-rate", 0, "fanout with -own-topics: messages/s published round-robin to the streams' own topics during the timed phases")
+	flag.IntVar(&c.churn, "churn", 0, "fanout: streams that connect, wait until ready and disconnect in a loop during the timed phases")
 	flag.Float64Var(&c.fixedRate, "rate", 0, "fanout: messages/s of the fixed-rate phase (0: no such phase)")
 	flag.DurationVar(&c.duration, "duration", 10*time.Second, "fanout: length of the fixed-rate phase")
 	flag.StringVar(&steps, "steps", "", "fanout: comma-separated publish rates (messages/s) stepped up until delivery falls behind")
@@ -89,6 +101,16 @@ func main() {
 		defer pprof.StopCPUProfile()
 	}
 
+	for _, f := range strings.Split(pids, ",") {
+		if n, err := strconv.Atoi(strings.TrimSpace(f)); err == nil && n > 0 {
+			c.pids = append(c.pids, n)
+		}
+	}
+	switch c.peer {
+	case "livepipe", "nchan", "pushpin", "better-sse", "raw-node":
+	default:
+		fatalf("unknown -peer %q", c.peer)
+	}
 	u, err := url.Parse(rawURL)
 	if err != nil || u.Host == "" {
 		fatalf("bad -url %q", rawURL)
@@ -174,6 +196,7 @@ type swarm struct {
 	stats   streamStats
 	wg      sync.WaitGroup
 	phases  *phaseSet // fanout only
+	own     *ownStats // fanout with -own-topics only
 }
 
 func (s *swarm) open() time.Duration {
@@ -191,7 +214,7 @@ func (s *swarm) open() time.Duration {
 		s.wg.Add(1)
 		go func() {
 			defer s.wg.Done()
-			s.run(st, src, func() { <-sem })
+			s.run(st, i, src, func() { <-sem })
 		}()
 	}
 	deadline := time.Now().Add(s.cfg.connectWait)
@@ -209,7 +232,7 @@ func (s *swarm) fail(err error) {
 
 // run opens one stream and reads it until closed. `connected` is called once the config
 // event arrived or opening failed, to let the next connection start.
-func (s *swarm) run(st *stream, src net.IP, connected func()) {
+func (s *swarm) run(st *stream, idx int, src net.IP, connected func()) {
 	once := sync.OnceFunc(connected)
 	defer once()
 	d := net.Dialer{Timeout: 10 * time.Second}
@@ -223,7 +246,7 @@ func (s *swarm) run(st *stream, src net.IP, connected func()) {
 		return
 	}
 	st.conn = conn
-	path := endpoint(s.cfg.base, "events") + "?topics=" + url.QueryEscape(s.cfg.topic)
+	path := s.cfg.subPath(idx)
 	req := "GET " + path + " HTTP/1.1\r\nHost: " + s.cfg.base.Host + "\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
 	if _, err := io.WriteString(conn, req); err != nil {
 		s.stats.failed.Add(1)
@@ -234,7 +257,7 @@ func (s *swarm) run(st *stream, src net.IP, connected func()) {
 	br := bufio.NewReaderSize(conn, 8<<10)
 	resp, err := http.ReadResponse(br, nil)
 	if err == nil && (resp.StatusCode != 200 || !strings.HasPrefix(resp.Header.Get("Content-Type"), "text/event-stream")) {
-		err = fmt.Errorf("GET /events answered %s (%s)", resp.Status, resp.Header.Get("Content-Type"))
+		err = fmt.Errorf("GET %s answered %s (%s)", path, resp.Status, resp.Header.Get("Content-Type"))
 	}
 	if err != nil {
 		s.stats.failed.Add(1)
@@ -247,6 +270,11 @@ func (s *swarm) run(st *stream, src net.IP, connected func()) {
 	var ev event
 	scratch := make([]byte, 0, 256)
 	configured := false
+	if s.cfg.readyOnHeaders() {
+		configured = true
+		s.stats.configs.Add(1)
+		once()
+	}
 	for {
 		err := r.next(&ev)
 		if err != nil {
@@ -271,8 +299,12 @@ func (s *swarm) run(st *stream, src net.IP, connected func()) {
 			}
 		case kindOther:
 			s.stats.otherMessages.Add(1)
+		case kindOwn:
+			if s.own != nil {
+				s.own.receivedAt(now - t)
+			}
 		case kindMessage:
-			if !ev.hasID {
+			if !ev.hasID && !s.cfg.readyOnHeaders() { // only livepipe promises an id: on every message
 				s.stats.missingID.Add(1)
 			}
 			if s.phases != nil {
@@ -342,6 +374,34 @@ func procStatusKB(pid int, field string) int64 {
 		}
 	}
 	return -1
+}
+
+func pidsKB(pids []int, field string) int64 {
+	var sum int64
+	for _, p := range pids {
+		if v := procStatusKB(p, field); v > 0 {
+			sum += v
+		}
+	}
+	return sum
+}
+
+func pidsCPU(pids []int) time.Duration {
+	var sum time.Duration
+	for _, p := range pids {
+		sum += procCPU(p)
+	}
+	return sum
+}
+
+func pidsWrites(pids []int) int64 {
+	var sum int64 = -1
+	for _, p := range pids {
+		if v := procWrites(p); v >= 0 {
+			sum = max(sum, 0) + v
+		}
+	}
+	return sum
 }
 
 // procCPU is a process's user+system CPU time, from /proc/<pid>/stat (clock ticks of 10 ms).
@@ -492,16 +552,16 @@ type idleResult struct {
 
 func runIdle(c *config) idleResult {
 	res := idleResult{Mode: "idle", N: c.n, HeapBefore: heapUsed(c.base)}
-	if c.pid > 0 {
-		res.RSSBeforeKB = procStatusKB(c.pid, "VmRSS")
+	if len(c.pids) > 0 {
+		res.RSSBeforeKB = pidsKB(c.pids, "VmRSS")
 	}
 	s := &swarm{cfg: c}
 	res.ConnectSeconds = round(s.open().Seconds(), 2)
 	time.Sleep(c.settle)
 	res.Connected = s.stats.configs.Load()
 	res.Failed = s.stats.failed.Load()
-	if c.pid > 0 {
-		res.RSSAfterKB = procStatusKB(c.pid, "VmRSS")
+	if len(c.pids) > 0 {
+		res.RSSAfterKB = pidsKB(c.pids, "VmRSS")
 		if res.Connected > 0 {
 			res.RSSPerConnBytes = round(float64(res.RSSAfterKB-res.RSSBeforeKB)*1024/float64(res.Connected), 0)
 		}

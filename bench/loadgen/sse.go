@@ -121,6 +121,7 @@ const (
 	kindOther               // a message we did not publish, or one we cannot read
 	kindConfig
 	kindError
+	kindOwn // a message on a stream's own topic: {"own":i,"t":ns}
 )
 
 type envelope struct {
@@ -141,11 +142,15 @@ var (
 // in the envelope without a full JSON decode (the loadgen must out-read the server on one
 // core); anything unusual goes through encoding/json.
 func classify(data []byte, scratch []byte) (k kind, seq, t int64, lostCount int64, errCode string) {
+	// The other servers deliver the published body itself as the data.
+	if k, seq, t, ok := parsePayload(data); ok {
+		return k, seq, t, 0, ""
+	}
 	if !bytes.HasPrefix(data, configPrefix) && bytes.HasPrefix(data, []byte(`{"topic":"`)) {
 		if i := bytes.Index(data, payloadMarker); i >= 0 {
 			if payload, ok := unquoteSimple(data[i+len(payloadMarker):], scratch); ok {
-				if seq, t, ok := parseSeqT(payload); ok {
-					return kindMessage, seq, t, 0, ""
+				if k, seq, t, ok := parsePayload(payload); ok {
+					return k, seq, t, 0, ""
 				}
 			}
 		}
@@ -162,8 +167,8 @@ func classify(data []byte, scratch []byte) (k kind, seq, t int64, lostCount int6
 	}
 	var s string
 	if json.Unmarshal(env.Payload, &s) == nil {
-		if seq, t, ok := parseSeqT([]byte(s)); ok {
-			return kindMessage, seq, t, 0, ""
+		if k, seq, t, ok := parsePayload([]byte(s)); ok {
+			return k, seq, t, 0, ""
 		}
 	}
 	return kindOther, 0, 0, 0, ""
@@ -194,9 +199,20 @@ func unquoteSimple(b []byte, scratch []byte) ([]byte, bool) {
 	return nil, false
 }
 
-// parseSeqT reads {"seq":<int>,"t":<int>} exactly as the loadgen's publisher writes it.
-func parseSeqT(p []byte) (seq, t int64, ok bool) {
-	const a, b = `{"seq":`, `,"t":`
+// parsePayload reads a body the loadgen published: a shared-topic message or an own-topic one.
+func parsePayload(p []byte) (k kind, seq, t int64, ok bool) {
+	if seq, t, ok = parseKeyT(p, `{"seq":`); ok {
+		return kindMessage, seq, t, true
+	}
+	if seq, t, ok = parseKeyT(p, `{"own":`); ok {
+		return kindOwn, seq, t, true
+	}
+	return kindOther, 0, 0, false
+}
+
+// parseKeyT reads {"<key>":<int>,"t":<int>} exactly as the loadgen's publisher writes it.
+func parseKeyT(p []byte, a string) (seq, t int64, ok bool) {
+	const b = `,"t":`
 	if !bytes.HasPrefix(p, []byte(a)) {
 		return 0, 0, false
 	}
