@@ -4,7 +4,8 @@
  */
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { chromium, type Browser, type Page } from 'playwright-core';
+import type { Browser, Page } from 'playwright-core';
+import { chromiumSkip, launchChromium } from './support/browser.ts';
 import { ensureBuilt, LivepipeProcess } from './support/livepipe.ts';
 import { post } from './support/relay.ts';
 
@@ -18,10 +19,9 @@ interface DomElement {
 declare const document: { querySelector(selector: string): DomElement | null; querySelectorAll(selector: string): { length: number } };
 declare const window: { gochan: { received: unknown[]; source: EventSource } };
 
-const CHROMIUM = '/usr/bin/chromium';
 const SCREENSHOT = '/tmp/livepipe-demo.png';
 
-describe('demo page in Chromium', () => {
+describe('demo page in Chromium', { skip: chromiumSkip }, () => {
   let lp: LivepipeProcess;
   let base: string;
   let browser: Browser;
@@ -33,10 +33,7 @@ describe('demo page in Chromium', () => {
     ensureBuilt();
     lp = new LivepipeProcess(['--port', '0']);
     ({ base } = await lp.started());
-    browser = await chromium.launch({
-      executablePath: CHROMIUM,
-      args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-    });
+    browser = await launchChromium();
     page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
     page.setDefaultTimeout(10_000);
     page.on('pageerror', (err) => pageErrors.push(err.message));

@@ -10,7 +10,8 @@ import { existsSync, statSync } from 'node:fs';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
 import { EventSource } from 'eventsource';
-import { chromium, type Browser, type Page } from 'playwright-core';
+import type { Browser, Page } from 'playwright-core';
+import { chromiumSkip, launchChromium } from './support/browser.ts';
 import { backoffDelay, connect, type Client, type ClientError, type ConnectOptions, type ErrorInfo, type Message, type StateChange } from '../client/index.ts';
 import { createRelay, type Relay, type RelayOptions } from '../src/index.ts';
 import { serveStatic } from '../src/server/static.ts';
@@ -283,7 +284,7 @@ describe('the client against a gochan-format server', () => {
 // The callbacks given to page.evaluate run in the browser; the project's types have no DOM.
 declare const window: { lp: { client: Client; messages: Message[]; states: StateChange[] } };
 
-describe('the client in Chromium', () => {
+describe('the client in Chromium', { skip: chromiumSkip }, () => {
   let s: TestServer;
   let browser: Browser;
   let page: Page;
@@ -296,10 +297,7 @@ describe('the client in Chromium', () => {
       execFileSync(process.execPath, [`${ROOT}node_modules/typescript/bin/tsc`, '-p', `${ROOT}client/tsconfig.json`], { stdio: 'inherit' });
     }
     s = await startServer();
-    browser = await chromium.launch({
-      executablePath: '/usr/bin/chromium',
-      args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-    });
+    browser = await launchChromium();
     page = await browser.newPage();
     page.setDefaultTimeout(10_000);
     page.on('pageerror', (err) => pageErrors.push(err.message));

@@ -6,7 +6,8 @@
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes, randomUUID } from 'node:crypto';
-import { chromium, type Browser } from 'playwright-core';
+import type { Browser } from 'playwright-core';
+import { chromiumSkip, launchChromium } from '../support/browser.ts';
 import { connect as natsConnect } from '@nats-io/transport-node';
 import * as amqplib from 'amqplib';
 import { Admin, Producer } from '@platformatic/kafka';
@@ -187,7 +188,7 @@ const cases: Case[] = [
   },
 ];
 
-const skips = new Map(await Promise.all(cases.map(async (c) => [c.name, skipUnlessCi(await c.unavailable)] as const)));
+const skips = new Map(await Promise.all(cases.map(async (c) => [c.name, chromiumSkip || skipUnlessCi(await c.unavailable)] as const)));
 
 // The callbacks given to page.evaluate / waitForFunction run in the browser; the project's
 // types have no DOM, so this declares the little of it they use.
@@ -214,10 +215,7 @@ describe('real brokers to a browser EventSource through the livepipe CLI', { tim
       started.catch(() => {}); // reported by that broker's test
       relays.set(c.name, started);
     }
-    browser = await chromium.launch({
-      executablePath: '/usr/bin/chromium',
-      args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-    });
+    if (!chromiumSkip) browser = await launchChromium();
   });
 
   after(async () => {
