@@ -244,6 +244,16 @@ describe('--workers 2 with TLS and HTTP/2', () => {
   });
 
   /** A stream that received one message, then closed: its owner and its Last-Event-ID. */
+  /** A kept-alive connection that landed on the worker that does not own the session. */
+  async function agentOnOtherWorker(owner: number | undefined): Promise<Agent> {
+    for (let i = 0; i < 30; i++) {
+      const candidate = new Agent({ keepAlive: true, maxSockets: 1, ca });
+      agents.push(candidate);
+      if (Number((await call(`${base}/healthz`, 'GET', undefined, candidate)).headers[WORKER_HEADER]) !== owner) return candidate;
+    }
+    assert.fail('no connection landed on the other worker');
+  }
+
   async function brokenStream(topic: string): Promise<{ owner: number; sessionId: string; lastEventId: string }> {
     const stream = await openSse(`${base}/events?topics=${topic}`, { ca, agent: false });
     await stream.until(() => stream.config !== undefined, 'the config event');
@@ -266,13 +276,7 @@ describe('--workers 2 with TLS and HTTP/2', () => {
 
   it('resumes over HTTPS (HTTP/1.1) on the other worker: proxied to the owner, which replays', async () => {
     const { owner, sessionId, lastEventId } = await brokenStream('h1');
-    let agent: Agent | undefined;
-    for (let i = 0; i < 30 && agent === undefined; i++) {
-      const candidate = new Agent({ keepAlive: true, maxSockets: 1, ca });
-      agents.push(candidate);
-      if (Number((await call(`${base}/healthz`, 'GET', undefined, candidate)).headers[WORKER_HEADER]) !== owner) agent = candidate;
-    }
-    assert.ok(agent, 'a connection to the other worker');
+    const agent = await agentOnOtherWorker(owner);
     const resumed = await openSse(`${base}/events`, { ca, agent, headers: { 'last-event-id': lastEventId } });
     assert.equal(resumed.reusedSocket, true);
     await checkResumed(resumed, owner, sessionId);
@@ -310,13 +314,7 @@ describe('--workers 2 with TLS and HTTP/2', () => {
     await call(`${base}/publish?topic=sock`, 'POST', 'missed');
 
     const owner = ownerOf(sessionId);
-    let agent: Agent | undefined;
-    for (let i = 0; i < 30 && agent === undefined; i++) {
-      const candidate = new Agent({ keepAlive: true, maxSockets: 1, ca });
-      agents.push(candidate);
-      if (Number((await call(`${base}/healthz`, 'GET', undefined, candidate)).headers[WORKER_HEADER]) !== owner) agent = candidate;
-    }
-    assert.ok(agent, 'a connection to the other worker');
+    const agent = await agentOnOtherWorker(owner);
     let opened = 0;
     const create = agent.createConnection.bind(agent);
     agent.createConnection = (...args: Parameters<Agent['createConnection']>) => {
