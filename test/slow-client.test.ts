@@ -164,10 +164,16 @@ describe('a client that stops reading', () => {
       slow.response.pause();
       const fast = await openSse(r, '?topics=t');
       // Until the paused socket's kernel buffers are full and the relay sees it take nothing (at most 40 MB).
-      for (let sent = 0; !slowResponse().writableNeedDrain && sent < 640; sent += ROUND) await publishRange(r, 't', sent, sent + ROUND, fast);
+      let sent = 0;
+      for (; !slowResponse().writableNeedDrain && sent < 640; sent += ROUND) await publishRange(r, 't', sent, sent + ROUND, fast);
       assert.ok(slowResponse().writableNeedDrain, 'the stalled socket filled up');
+      // Keep publishing while waiting: the kernel may grow the socket's buffer and take a little
+      // more, and a dead client's socket stays full only while something keeps arriving for it.
       const deadline = Date.now() + 10_000;
-      while (r.relay.stats().connections.sse !== 1 && Date.now() < deadline) await new Promise((res) => setTimeout(res, 50));
+      for (; r.relay.stats().connections.sse !== 1 && Date.now() < deadline; sent += ROUND) {
+        await publishRange(r, 't', sent, sent + ROUND, fast);
+        await new Promise((res) => setTimeout(res, 50));
+      }
       assert.equal(r.relay.stats().connections.sse, 1, 'the stalled connection was cut; the reading one stays');
       assert.equal(r.relay.stats().sessions, 2, 'the stalled client keeps its session for a resume');
       slow.close();
