@@ -69,6 +69,8 @@ export class RelayCore {
   readonly limits: Limits;
   private readonly sessions = new Map<string, Session>();
   private readonly connections = new Set<QueuedConnection>();
+  /** Open connections by transport, kept as they come and go so that stats() does not walk them all. */
+  private readonly openByTransport = new Map<string, number>();
   /** Each connection's stream slot, so that a resume from the same address can take over its slot. */
   private readonly slots = new WeakMap<QueuedConnection, ConnectionSlot>();
   private readonly ownsBroker: boolean;
@@ -182,6 +184,7 @@ export class RelayCore {
 
     const connection = connect(session, principal);
     this.connections.add(connection);
+    this.openByTransport.set(connection.transport, (this.openByTransport.get(connection.transport) ?? 0) + 1);
     const slot = held.slot!;
     this.slots.set(connection, slot);
     if (connection.isClosed) {
@@ -296,10 +299,8 @@ export class RelayCore {
   }
 
   stats(): RelayStats {
-    const connections: Record<string, number> = {};
-    for (const c of this.connections) connections[c.transport] = (connections[c.transport] ?? 0) + 1;
     return {
-      connections,
+      connections: Object.fromEntries([...this.openByTransport].filter(([, n]) => n > 0)),
       sessions: this.sessions.size,
       topics: this.hub.topicCount,
       messagesIn: this.hub.counters.messagesIn,
@@ -359,7 +360,7 @@ export class RelayCore {
   }
 
   private detach(session: Session, connection: QueuedConnection): void {
-    this.connections.delete(connection);
+    if (this.connections.delete(connection)) this.openByTransport.set(connection.transport, this.openByTransport.get(connection.transport)! - 1);
     if (session.connection !== connection && session.connection !== undefined) return;
     session.connection = undefined;
     if (this.closing || !this.sessions.has(session.id)) return;
