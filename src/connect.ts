@@ -125,7 +125,7 @@ export class ConnectStreamConnection extends QueuedConnection {
     if (lost > 0) this.push(errorEvent(eventsLostError(lost)));
     for (const item of items) {
       if (item instanceof RelayError) this.push(errorEvent(item));
-      else this.push({ event: { case: 'message', value: { id: `${this.sessionId}.${item.seq}`, topic: item.topic, payload: bodyOf(item) } } });
+      else this.push({ event: { case: 'message', value: { id: `${this.sessionId}.${item.idSuffix}`, topic: item.topic, payload: bodyOf(item) } } });
     }
     // Saturated until connect has pulled all of it (see events()).
     return false;

@@ -20,14 +20,28 @@ export class RelayMessage {
   /** Where the JSON envelope starts inside sseTail (for transports that frame it differently). */
   private readonly jsonStart: number;
   readonly receivedAt: number;
+  /** Where the broker keeps this message, when it keeps history (Broker.replay); also in the event id. */
+  readonly position: number | undefined;
 
-  constructor(seq: number, topic: string, body: Uint8Array, embedJson: boolean, receivedAt: number) {
+  /** `envelope` is the `{"topic":…,"payload":…}` JSON (see fromBody). */
+  constructor(seq: number, topic: string, envelope: string, receivedAt: number, position?: number) {
     this.seq = seq;
     this.topic = topic;
     this.receivedAt = receivedAt;
-    const head = `${seq}\ndata: `;
+    this.position = position;
+    const head = `${this.idSuffix}\ndata: `;
     this.jsonStart = Buffer.byteLength(head);
-    this.sseTail = Buffer.from(`${head}${encodeEnvelope(topic, body, embedJson)}\n\n`);
+    this.sseTail = Buffer.from(`${head}${envelope}\n\n`);
+  }
+
+  /** A broker message body, encoded as PROTOCOL.md 2.1 says. */
+  static fromBody(seq: number, topic: string, body: Uint8Array, embedJson: boolean, receivedAt: number, position?: number): RelayMessage {
+    return new RelayMessage(seq, topic, encodeEnvelope(topic, body, embedJson), receivedAt, position);
+  }
+
+  /** What follows `<session id>.` in this message's event id (see eventId). */
+  get idSuffix(): string {
+    return this.position === undefined ? String(this.seq) : `${this.seq}.${this.position}`;
   }
 
   /** The `{"topic":…,"payload":…}` JSON of this message, without copying it. */
@@ -66,19 +80,32 @@ export function idPrefix(sessionId: string): Buffer {
   return Buffer.from(`id: ${sessionId}.`);
 }
 
-/** An event id as clients see it: `<session id>.<sequence>`. */
-export function eventId(sessionId: string, seq: number): string {
-  return `${sessionId}.${seq}`;
+/**
+ * An event id as clients see it: `<session id>.<sequence>`, then `.<broker position>` where the
+ * broker keeps history (so that another node can resume from the broker after this one died).
+ */
+export function eventId(sessionId: string, seq: number, position?: number): string {
+  return position === undefined ? `${sessionId}.${seq}` : `${sessionId}.${seq}.${position}`;
 }
 
-/** Splits a Last-Event-ID into session id and sequence, or undefined when it is not ours. */
-export function parseEventId(id: string | null | undefined): { sessionId: string; seq: number } | undefined {
+export interface ParsedEventId {
+  sessionId: string;
+  seq: number;
+  position: number | undefined;
+}
+
+/** Splits a Last-Event-ID into session id, sequence and broker position, or undefined when it is not ours. */
+export function parseEventId(id: string | null | undefined): ParsedEventId | undefined {
   if (!id) return undefined;
-  const dot = id.lastIndexOf('.');
-  if (dot <= 0) return undefined;
-  const seq = Number(id.slice(dot + 1));
-  if (!Number.isSafeInteger(seq) || seq < 0) return undefined;
-  return { sessionId: id.slice(0, dot), seq };
+  const parts = id.split('.');
+  if (parts.length < 2 || parts.length > 3 || parts[0] === '') return undefined;
+  const [seq, position] = parts.slice(1).map(Number);
+  if (!isCount(seq) || (parts.length === 3 && !isCount(position))) return undefined;
+  return { sessionId: parts[0]!, seq: seq!, position };
+}
+
+function isCount(n: number | undefined): boolean {
+  return Number.isSafeInteger(n) && n! >= 0;
 }
 
 /** The first bytes of a stream: the reconnect delay, then the config event. */

@@ -34,8 +34,8 @@ class Topic implements SubscriptionListener {
     this.history = new TopicHistory(limits);
   }
 
-  message(body: Uint8Array): void {
-    this.hub.dispatch(this, body);
+  message(body: Uint8Array, position?: number): void {
+    this.hub.dispatch(this, body, position);
   }
 
   error(error: RelayError): void {
@@ -73,6 +73,9 @@ export class Hub {
   get lastSeq(): number {
     return this.seq;
   }
+
+  /** The highest broker position seen (brokers that keep history), for the ids of config events. */
+  position: number | undefined;
 
   get topicCount(): number {
     return this.topics.size;
@@ -123,10 +126,11 @@ export class Hub {
     return state.history.since(seq, now);
   }
 
-  dispatch(state: Topic, body: Uint8Array): void {
+  dispatch(state: Topic, body: Uint8Array, position?: number): void {
     if (state.released) return;
     const now = Date.now();
-    const message = new RelayMessage(++this.seq, state.name, body, this.options.embedJsonPayloads, now);
+    const message = RelayMessage.fromBody(++this.seq, state.name, body, this.options.embedJsonPayloads, now, position);
+    if (position !== undefined && (this.position === undefined || position > this.position)) this.position = position;
     this.counters.messagesIn++;
     state.history.append(message);
     for (const session of state.subscribers) session.deliver(message);

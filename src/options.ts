@@ -140,6 +140,18 @@ export interface RelayOptions {
    * (`trace.getTracer('livepipe')` from @opentelemetry/api) or anything of its shape. Off when unset.
    */
   tracer?: RelayTracer;
+  /**
+   * Makes this relay one node of several behind a load balancer, over the same broker (no
+   * sticky sessions; src/scaleout/peers.ts): true, or the node-to-node timings. Off when unset.
+   */
+  scaleOut?: boolean | ScaleOutOptions;
+}
+
+export interface ScaleOutOptions {
+  /** How often a node tells the others it is alive, in ms (default 1000); one silent for three of these is taken for gone. */
+  heartbeatMs?: number;
+  /** How long a node waits for another's answer (a hand-over, a forwarded update), in ms (default 2000). */
+  requestTimeoutMs?: number;
 }
 
 export interface ResolvedOptions {
@@ -157,6 +169,7 @@ export interface ResolvedOptions {
   embedJsonPayloads: boolean;
   limits: LimitOptions;
   tracer: RelayTracer | undefined;
+  scaleOut: ScaleOutOptions | undefined;
 }
 
 export const DEFAULT_PATHS: RelayPaths = {
@@ -197,5 +210,6 @@ export function resolveOptions(options: RelayOptions): ResolvedOptions {
     embedJsonPayloads: options.embedJsonPayloads ?? false,
     limits: options.limits ?? {},
     tracer: options.tracer,
+    scaleOut: options.scaleOut === true ? {} : options.scaleOut || undefined,
   };
 }

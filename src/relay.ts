@@ -2,8 +2,10 @@ import { Authorizer, type Credentials, type Principal } from './auth.ts';
 import { openBroker, type Broker } from './brokers/index.ts';
 import type { ConnectionStats, QueuedConnection } from './connection.ts';
 import { RelayError } from './errors.ts';
-import { eventId, parseEventId, type RelayMessage } from './frames.ts';
+import { RelayMessage, eventId, parseEventId } from './frames.ts';
 import { Hub } from './hub.ts';
+import { CONTROL_TOPIC_PREFIX } from './scaleout/node-id.ts';
+import { joinPeers } from './scaleout/peers.ts';
 import { Limits, checkLimitOptions, type ConnectionSlot } from './limits.ts';
 import { resolveOptions, type RelayOptions, type ResolvedOptions } from './options.ts';
 import { Session, newSessionId } from './session.ts';
@@ -34,6 +36,38 @@ export interface UpdateResult {
   session_id: string;
   subscriptions: string[];
   failed: Array<{ topic: string; code: string; message: string }>;
+}
+
+/** A session another node held, taken over by this one (src/scaleout). */
+export interface AdoptedSession {
+  id: string;
+  topics: string[];
+  /** Messages the client had not received (oldest first): handed over by a live owner as encoded there, or read back from the broker. */
+  missed: Array<{ topic: string; envelope: string; receivedAt: number; position?: number | undefined }>;
+  /** Set when messages may have been lost: the owner was gone, or its history no longer held all of them. */
+  lost: string | undefined;
+}
+
+/** What a session record says about a session, for the other nodes. */
+export interface SessionSnapshot {
+  id: string;
+  topics: string[];
+  identity: string | undefined;
+}
+
+/** The other nodes of a scaled-out deployment, as the relay sees them (src/scaleout/peers.ts). */
+export interface SessionPeers {
+  /**
+   * Takes over a session that another node holds or held; undefined when no node knows it.
+   * Throws `forbidden` when it belongs to another identity.
+   */
+  adopt(sessionId: string, seq: number | undefined, identity: string | undefined): Promise<AdoptedSession | undefined>;
+  /** This node now holds `session` (opened, changed, taken over). */
+  held(session: SessionSnapshot): void;
+  /** This node dropped the session (it expired). */
+  dropped(sessionId: string): void;
+  /** Leaves the other nodes (on a clean shutdown, before the broker closes). */
+  close(): Promise<void>;
 }
 
 export interface RelayStats {
@@ -86,6 +120,10 @@ export class RelayCore {
 
   /** Authorization (PROTOCOL.md section 6); undefined when the relay is open. */
   readonly auth: Authorizer | undefined;
+  /** Set when this relay is one node of several (src/scaleout): sessions move between nodes. */
+  peers: SessionPeers | undefined;
+  /** Bytes before the random part of new session ids: the node's tag when scaled out (else the process-wide prefix). */
+  sessionIdPrefix: Buffer | undefined;
 
   constructor(broker: Broker, ownsBroker: boolean, options: ResolvedOptions, auth?: Authorizer) {
     this.auth = auth;
@@ -137,6 +175,8 @@ export class RelayCore {
     // Once per stream: what the bearer may do is not looked at again per message.
     const principal = await this.authenticate(request.credentials ?? {});
     let resumable = (fromEventId && this.sessions.get(fromEventId.sessionId)) || (request.sessionId ? this.sessions.get(request.sessionId) : undefined);
+    // Another node's session: it moves here (with what its owner still held for the client).
+    const adopted = resumable === undefined ? await this.adopt(fromEventId, request.sessionId, principal) : undefined;
 
     let session: Session;
     let position: number;
@@ -164,6 +204,16 @@ export class RelayCore {
       // The newest connection wins: a half-dead older one is ended first.
       session.connection?.close();
       this.cancelExpiry(session);
+    } else if (adopted !== undefined) {
+      this.limits.checkSessions(this.sessions.size);
+      held.slot = this.limits.openConnection(request.clientAddress);
+      session = new Session(adopted.id, this.hub.lastSeq, principal?.identity);
+      position = session.position;
+      this.sessions.set(session.id, session);
+      failures.push(...(await this.addTopics(session, adopted.topics)));
+      // Subscribed first: what the broker still holds reaches back to where the client was, and live delivery carries on from there.
+      if (adopted.lost !== undefined && fromEventId?.position !== undefined) await this.recoverFromBroker(adopted, session, fromEventId.position);
+      this.peers?.held(snapshot(session));
     } else {
       this.checkTopics(urlTopics);
       this.checkTopicCap(urlTopics.length);
@@ -171,10 +221,11 @@ export class RelayCore {
       const refused = principal === undefined ? [] : await this.auth!.denied(principal, 'subscribe', urlTopics);
       this.limits.checkSessions(this.sessions.size);
       held.slot = this.limits.openConnection(request.clientAddress);
-      session = new Session(newSessionId(), this.hub.lastSeq, principal?.identity);
+      session = new Session(newSessionId(this.sessionIdPrefix), this.hub.lastSeq, principal?.identity);
       position = session.position;
       this.sessions.set(session.id, session);
       failures.push(...refused, ...(await this.addTopics(session, urlTopics.filter((t) => !refused.some((r) => r.topic === t)))));
+      this.peers?.held(snapshot(session));
     }
     if (this.closing) {
       // close() ran during an await above: it ended every stream it knew of, and would never end this one.
@@ -201,14 +252,16 @@ export class RelayCore {
       {
         session_id: session.id,
         subscriptions: [...session.topics.keys()],
-        resumed: resumable !== undefined,
+        resumed: resumable !== undefined || adopted !== undefined,
         heartbeat_ms: this.options.heartbeatMs,
         session_ttl_ms: this.options.sessionTtlMs,
       },
-      eventId(session.id, position),
+      // A fresh position also names the broker's, so that a client that saw no message yet can resume on another node from the broker.
+      eventId(session.id, position, position === this.hub.lastSeq ? this.hub.position : undefined),
       this.options.retryMs,
     );
     for (const failure of failures) connection.sendError(failure);
+    if (adopted !== undefined) this.replayAdopted(adopted, position, connection);
     this.replay(session, position, connection);
     if (!connection.isClosed) session.connection = connection;
     return connection;
@@ -221,6 +274,10 @@ export class RelayCore {
   async updateSubscriptions(request: UpdateRequest, principal?: Principal): Promise<UpdateResult> {
     const forwarded = this.forwardUpdate?.(request, principal);
     if (forwarded !== undefined) return forwarded;
+    return this.updateHere(request, principal);
+  }
+
+  private async updateHere(request: UpdateRequest, principal?: Principal): Promise<UpdateResult> {
     const started = performance.now();
     let ok = false;
     try {
@@ -266,12 +323,103 @@ export class RelayCore {
       }
       const failures = await this.addTopics(session, adding);
       for (const failure of failures) session.connection?.sendError(failure);
+      if (removing.size > 0 || adding.length > failures.length) this.peers?.held(snapshot(session));
       return {
         session_id: session.id,
         subscriptions: [...session.topics.keys()],
         failed: failures.map((f) => ({ topic: f.topic ?? '', code: f.code, message: f.message })),
       };
     });
+  }
+
+  /**
+   * Another node's session, taken over through `peers`; undefined when there are no peers, no
+   * id was given, or no node knows it (then the stream opens a new session).
+   */
+  private async adopt(fromEventId: { sessionId: string; seq: number } | undefined, sessionId: string | null, principal: Principal | undefined): Promise<AdoptedSession | undefined> {
+    if (this.peers === undefined) return undefined;
+    const identity = principal?.identity;
+    if (fromEventId !== undefined) {
+      const adopted = await this.peers.adopt(fromEventId.sessionId, fromEventId.seq, identity);
+      if (adopted !== undefined) return adopted;
+    }
+    if (sessionId === null || sessionId === fromEventId?.sessionId) return undefined;
+    return this.peers.adopt(sessionId, undefined, identity);
+  }
+
+  /** Queues what the previous owner of an adopted session still held for the client, with `events-lost` first when that was not everything. */
+  private replayAdopted(adopted: AdoptedSession, position: number, connection: QueuedConnection): void {
+    if (adopted.lost !== undefined) connection.sendError(new RelayError('events-lost', adopted.lost));
+    if (adopted.missed.length === 0) return;
+    // Numbered at the session's starting position: a resume from one of them replays what this node received since.
+    connection.replay(adopted.missed.map((m) => new RelayMessage(position, m.topic, m.envelope, m.receivedAt, m.position)));
+  }
+
+  /**
+   * A session whose node died, on a broker that keeps history: what the broker holds after the
+   * client's last position becomes the replay, and `events-lost` goes unless some is gone.
+   */
+  private async recoverFromBroker(adopted: AdoptedSession, session: Session, position: number): Promise<void> {
+    if (this.broker.replay === undefined) return;
+    try {
+      const held = await this.broker.replay([...session.topics.keys()], position, this.options.history.maxMessages);
+      const now = Date.now();
+      adopted.missed = held.messages.map((m) => ({ topic: m.topic, envelope: RelayMessage.fromBody(0, m.topic, m.body, this.options.embedJsonPayloads, now).envelope().toString('utf8'), receivedAt: now, position: m.position }));
+      adopted.lost = held.complete ? undefined : 'the broker no longer holds every event published since this client\'s last one';
+      // Messages that arrive live as well are not sent twice.
+      session.replayedUpTo = Math.max(position, ...held.messages.map((m) => m.position));
+    } catch (err) {
+      adopted.lost += ` (the broker's history could not be read: ${(err as Error).message})`;
+    }
+  }
+
+  /**
+   * Gives a session of this node to another node that a client resumed it on: ends its stream
+   * here, returns its topics and the messages after `seq` that the client has not received,
+   * and forgets it. Undefined when this node does not hold it. Throws `forbidden` for another identity.
+   */
+  handOver(sessionId: string, seq: number | undefined, identity: string | undefined): { topics: string[]; missed: RelayMessage[]; incomplete: boolean } | undefined {
+    const session = this.sessions.get(sessionId);
+    if (session === undefined) return undefined;
+    if (session.identity !== identity) throw new RelayError('forbidden', 'this session was opened by another identity: open a new stream');
+    const connection = session.connection;
+    // What the client missed: after the id it sent back, or else after what was handed to its connection.
+    const position = seq === undefined ? session.position : Math.min(seq, this.hub.lastSeq);
+    const now = Date.now();
+    const missed: RelayMessage[] = [];
+    let incomplete = false;
+    for (const [topic, since] of session.topics) {
+      const part = this.hub.historySince(topic, Math.max(position, since), now);
+      missed.push(...part.messages);
+      incomplete ||= part.incomplete;
+    }
+    missed.sort((a, b) => a.seq - b.seq);
+    const topics = [...session.topics.keys()];
+    session.connection = undefined;
+    connection?.close();
+    this.drop(session);
+    return { topics, missed, incomplete };
+  }
+
+  /**
+   * An update that another node received for a session of this node, already authorized there
+   * for `identity` (the grants of its bearer were checked on that node).
+   */
+  async updateForwarded(request: UpdateRequest, identity: string | undefined): Promise<UpdateResult> {
+    const session = this.sessions.get(request.sessionId);
+    if (session === undefined) throw new RelayError('unknown-session', 'no such session (it may have expired); open a new stream');
+    if (session.identity !== identity) throw new RelayError('forbidden', 'this session was opened by another identity');
+    return this.updateHere(request);
+  }
+
+  /** True when this process holds the session (attached or waiting for its client). */
+  holds(sessionId: string): boolean {
+    return this.sessions.has(sessionId);
+  }
+
+  /** Every session this process holds, as other nodes record them. */
+  snapshots(): SessionSnapshot[] {
+    return [...this.sessions.values()].map(snapshot);
   }
 
   /** Who a request is, per its credentials; undefined when the relay has no auth. Throws `forbidden`. */
@@ -320,6 +468,7 @@ export class RelayCore {
     for (const connection of [...this.connections]) connection.goAway(within === undefined ? undefined : Math.floor(Math.random() * (within + 1)));
     for (const session of this.sessions.values()) this.cancelExpiry(session);
     this.sessions.clear();
+    await this.peers?.close();
     await this.hub.close();
     if (this.ownsBroker) await this.broker.close();
   }
@@ -355,7 +504,7 @@ export class RelayCore {
     if (incomplete) {
       connection.sendError(new RelayError('events-lost', 'some events published while this client was away are no longer held by the relay'));
     }
-    connection.replay(missed);
+    connection.replay(session.replayedUpTo === 0 ? missed : missed.filter((m) => !session.hasHad(m)));
     session.position = Math.max(position, this.hub.lastSeq);
   }
 
@@ -370,6 +519,12 @@ export class RelayCore {
 
   private expire(session: Session): void {
     if (session.connection !== undefined) return;
+    this.drop(session);
+    this.peers?.dropped(session.id);
+  }
+
+  private drop(session: Session): void {
+    this.cancelExpiry(session);
     this.sessions.delete(session.id);
     for (const topic of session.topics.keys()) this.hub.unsubscribe(session, topic);
   }
@@ -384,6 +539,7 @@ export class RelayCore {
     for (const topic of topics) {
       // The transports checked section 1 already; the app's own updateSubscriptions call did not.
       assertTopic(topic);
+      if (topic.startsWith(CONTROL_TOPIC_PREFIX)) throw new RelayError('invalid-topic', `topics starting with ${CONTROL_TOPIC_PREFIX} are reserved for livepipe's own node-to-node messages`, { topic });
       const problem = this.broker.topicProblem(topic);
       if (problem !== undefined) {
         throw new RelayError('invalid-topic', `invalid topic ${JSON.stringify(topic)} for ${this.broker.scheme}://: ${problem}`, { topic });
@@ -410,6 +566,10 @@ export class RelayCore {
   }
 }
 
+function snapshot(session: Session): SessionSnapshot {
+  return { id: session.id, topics: [...session.topics.keys()], identity: session.identity };
+}
+
 /** Opens the broker (when given a URL) and creates the relay core. */
 export async function createRelayCore(options: RelayOptions): Promise<RelayCore> {
   const resolved = resolveOptions(options);
@@ -425,5 +585,14 @@ export async function createRelayCore(options: RelayOptions): Promise<RelayCore>
   const broker = typeof options.broker === 'string' ? await openBroker(options.broker) : options.broker;
   // With auth, publish grants decide who may publish over HTTP.
   if (resolved.publish === undefined) resolved.publish = auth !== undefined ? true : broker.scheme === 'mem' ? 'loopback' : false;
-  return new RelayCore(broker, owns, resolved, auth);
+  const core = new RelayCore(broker, owns, resolved, auth);
+  if (resolved.scaleOut !== undefined) {
+    try {
+      await joinPeers(core, resolved.scaleOut);
+    } catch (err) {
+      await core.close();
+      throw err;
+    }
+  }
+  return core;
 }

@@ -14,9 +14,9 @@ export function setSessionIdPrefix(bytes: Buffer): void {
 }
 
 /** Session ids carry 128 random bits (PROTOCOL.md 2.2): they are bearer secrets. */
-export function newSessionId(): string {
+export function newSessionId(prefix: Buffer = idPrefixBytes): string {
   const random = randomBytes(16);
-  return (idPrefixBytes.length === 0 ? random : Buffer.concat([idPrefixBytes, random])).toString('base64url');
+  return (prefix.length === 0 ? random : Buffer.concat([prefix, random])).toString('base64url');
 }
 
 /**
@@ -45,12 +45,20 @@ export class Session {
     this.identity = identity;
   }
 
+  /** Broker position up to which the broker's history was replayed (a session taken over from a node that died); 0 when not. */
+  replayedUpTo = 0;
+
   /** Hands a message to the attached connection; a detached session picks it up from history on resume. */
   deliver(message: RelayMessage): void {
     const connection = this.connection;
-    if (connection === undefined) return;
+    if (connection === undefined || this.hasHad(message)) return;
     this.position = message.seq;
     connection.send(message);
+  }
+
+  /** True for a message that the broker's history already replayed to this session. */
+  hasHad(message: RelayMessage): boolean {
+    return message.position !== undefined && message.position <= this.replayedUpTo;
   }
 
   /** Runs `update` after every earlier update of this session has finished. */

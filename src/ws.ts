@@ -52,7 +52,7 @@ function wsTail(message: RelayMessage): Buffer {
   let tail = tails.get(message);
   if (tail === undefined) {
     const envelope = message.envelope();
-    tail = Buffer.concat([Buffer.from(`${message.seq}",`), envelope.subarray(1)]);
+    tail = Buffer.concat([Buffer.from(`${message.idSuffix}",`), envelope.subarray(1)]);
     tails.set(message, tail);
   }
   return tail;

@@ -4,7 +4,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { Channel, ChannelModel, ConfirmChannel, ConsumeMessage } from 'amqplib';
 import { RelayError } from '../errors.ts';
 import { importPeer } from './broker.ts';
-import type { Broker, BrokerOpener, BrokerOptions, BrokerSubscription, SubscriptionListener } from './broker.ts';
+import type { Broker, BrokerOpener, ControlBus, BrokerOptions, BrokerSubscription, SubscriptionListener } from './broker.ts';
 
 /**
  * RabbitMQ (AMQP 0-9-1): `amqp://user:pass@host:5672/vhost`, `amqps://…`, or `rabbit://…` (the Go
@@ -103,6 +103,10 @@ interface Ops {
 
 export class AmqpBroker implements Broker {
   readonly scheme = 'amqp';
+  /** Node-to-node messages travel as any topic's: this driver creates and retains nothing for them. */
+  get control(): ControlBus {
+    return this;
+  }
   /** The server-named queue of the current connection ('' while reconnecting); for diagnostics and tests. */
   queueName = '';
   /** Topic → its subscriptions; a topic is bound while it has any, including ones still subscribing. */

@@ -7,8 +7,11 @@ import { RelayError } from '../errors.ts';
 
 /** Receives one broker subscription's traffic. Calls arrive in the broker's delivery order. */
 export interface SubscriptionListener {
-  /** One message body, exactly as the broker carried it. */
-  message(body: Uint8Array): void;
+  /**
+   * One message body, exactly as the broker carried it. `position` is where the broker keeps it,
+   * for a driver with `replay` (a JetStream stream sequence): increasing, comparable across topics.
+   */
+  message(body: Uint8Array, position?: number): void;
   /** The subscription broke (connection lost, server restarted, permission revoked). The driver keeps retrying. */
   error(error: RelayError): void;
   /** Delivery resumed after `error`; messages published in between may be lost. */
@@ -39,7 +42,27 @@ export interface Broker {
   isConnected(): boolean;
   /** Closes every subscription and removes every broker-side resource this instance created. */
   close(): Promise<void>;
+  /**
+   * Carries livepipe's own node-to-node messages when relays scale out (src/scaleout): topics
+   * under `livepipe-control.`, at most once, nothing retained, nothing created that outlives
+   * this connection. Undefined where the driver cannot carry them that way (yet).
+   */
+  readonly control?: ControlBus | undefined;
+  /**
+   * For a broker that keeps history (NATS JetStream): the messages it still holds on `topics`
+   * after `position`, oldest first, at most `limit`. `complete` is false when some may be
+   * missing (expired, trimmed, past the limit). A node uses it to resume a session whose node died.
+   */
+  replay?(topics: string[], position: number, limit: number): Promise<BrokerReplay>;
 }
+
+export interface BrokerReplay {
+  messages: Array<{ topic: string; body: Uint8Array; position: number }>;
+  complete: boolean;
+}
+
+/** Plain publish/subscribe, for messages between relays rather than to clients. */
+export type ControlBus = Pick<Broker, 'subscribe' | 'publish'>;
 
 export interface BrokerOptions {
   /** Called for events worth logging (reconnects, errors), with a short message. */

@@ -1,5 +1,5 @@
 import { RelayError } from '../errors.ts';
-import type { Broker, BrokerOpener, BrokerSubscription, SubscriptionListener } from './broker.ts';
+import type { Broker, BrokerOpener, ControlBus, BrokerSubscription, SubscriptionListener } from './broker.ts';
 
 /**
  * The in-memory broker: `mem://` (or `mem://name` for a separate bus). Every MemBroker opened
@@ -14,6 +14,10 @@ const buses = new Map<string, Bus>();
 
 export class MemBroker implements Broker {
   readonly scheme = 'mem';
+  /** Node-to-node messages travel as any topic's: this driver creates and retains nothing for them. */
+  get control(): ControlBus {
+    return this;
+  }
   private readonly bus: Bus;
   private readonly own = new Set<{ topic: string; listener: SubscriptionListener }>();
   private closed = false;

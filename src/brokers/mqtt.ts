@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { RelayError } from '../errors.ts';
 import { importPeer } from './broker.ts';
-import type { Broker, BrokerOpener, BrokerOptions, BrokerSubscription, SubscriptionListener } from './broker.ts';
+import type { Broker, BrokerOpener, ControlBus, BrokerOptions, BrokerSubscription, SubscriptionListener } from './broker.ts';
 import { TopicEntries } from './topic-entries.ts';
 import type { TopicEntry } from './topic-entries.ts';
 import type * as Mqtt from 'mqtt';
@@ -38,6 +38,10 @@ export function mqttTopicProblem(topic: string): string | undefined {
 
 export class MqttBroker implements Broker {
   readonly scheme: string;
+  /** Node-to-node messages travel as any topic's: this driver creates and retains nothing for them. */
+  get control(): ControlBus {
+    return this;
+  }
   /** The MQTT client id of this instance (unique, random). */
   readonly clientId: string;
   private readonly client: Mqtt.MqttClient;

@@ -1,6 +1,6 @@
 import { RelayError } from '../errors.ts';
 import { importPeer } from './broker.ts';
-import type { Broker, BrokerOpener, BrokerOptions, BrokerSubscription, SubscriptionListener } from './broker.ts';
+import type { Broker, BrokerOpener, BrokerReplay, ControlBus, BrokerOptions, BrokerSubscription, SubscriptionListener } from './broker.ts';
 import type * as Nats from '@nats-io/transport-node';
 import type * as JetStream from '@nats-io/jetstream';
 
@@ -94,7 +94,68 @@ export class NatsBroker implements Broker {
 
   async subscribe(topic: string, listener: SubscriptionListener): Promise<BrokerSubscription> {
     this.check(topic, 'subscription-failure');
-    const entry = this.mode === undefined ? await this.subscribeCore(topic, listener) : await this.subscribeStream(this.mode, topic, listener);
+    return this.track(topic, this.mode === undefined ? await this.subscribeCore(topic, listener) : await this.subscribeStream(this.mode, topic, listener));
+  }
+
+  /** Core NATS subjects even in JetStream mode: node-to-node messages are not for the stream to keep. */
+  readonly control: ControlBus = {
+    subscribe: async (topic, listener) => {
+      this.checkConnected(topic, 'subscription-failure');
+      return this.track(topic, await this.subscribeCore(topic, listener));
+    },
+    publish: async (topic, body) => {
+      this.checkConnected(topic, 'broker-unavailable');
+      try {
+        this.nc.publish(topic, body);
+        await this.nc.flush();
+      } catch (err) {
+        throw new RelayError('broker-unavailable', `NATS did not accept the message on ${topic}: ${(err as Error).message}`, { topic, cause: err });
+      }
+    },
+  };
+
+  /** JetStream mode only (see Broker.replay): one short-lived ordered consumer per topic reads what the stream holds. */
+  get replay(): Broker['replay'] {
+    const mode = this.mode;
+    if (mode === undefined) return undefined;
+    return async (topics, position, limit) => {
+      const info = await mode.jsm.streams.info(mode.stream);
+      const last = info.state.last_seq;
+      // Messages the stream dropped (age, size limits) might have been on these topics.
+      let complete = info.state.first_seq <= position + 1;
+      const messages: BrokerReplay['messages'] = [];
+      for (const topic of last > position ? topics : []) {
+        const consumer = await mode.js.consumers.get(mode.stream, {
+          filter_subjects: topic,
+          deliver_policy: mode.jet.DeliverPolicy.StartSequence,
+          opt_start_seq: position + 1,
+        });
+        try {
+          let more = true;
+          while (more) {
+            more = false;
+            const batch = await consumer.fetch({ max_messages: Math.min(limit + 1, 256), expires: 1000 });
+            for await (const m of batch) {
+              if (m.seq > last) break;
+              messages.push({ topic, body: m.data, position: m.seq });
+              // Read up to the stream's end as it was when asked; later messages arrive live.
+              more = m.info.pending > 0 && m.seq < last && messages.length <= limit;
+            }
+          }
+        } finally {
+          await consumer.delete().catch(() => {});
+        }
+      }
+      messages.sort((a, b) => a.position - b.position);
+      if (messages.length > limit) {
+        complete = false;
+        messages.splice(0, messages.length - limit);
+      }
+      return { messages, complete };
+    };
+  }
+
+  private async track(topic: string, entry: Entry): Promise<BrokerSubscription> {
     if (this.closed) {
       await entry.stop();
       throw new RelayError('broker-unavailable', 'the broker was closed during subscribe', { topic });
@@ -155,7 +216,7 @@ export class NatsBroker implements Broker {
       throw new RelayError('subscription-failure', `could not create a JetStream consumer on stream ${mode.stream} for ${topic}: ${(err as Error).message}`, { topic, cause: err });
     }
     // The consumer exists on the server from here on, so every later message reaches it.
-    const messages = await consumer.consume({ callback: (m) => listener.message(m.data) });
+    const messages = await consumer.consume({ callback: (m) => listener.message(m.data, m.seq) });
     void (async () => {
       for await (const n of messages.status()) {
         if (n.type === 'next') {
@@ -205,6 +266,11 @@ export class NatsBroker implements Broker {
     if (this.closed) throw new RelayError('broker-unavailable', 'the broker is closed', { topic });
     const problem = this.topicProblem(topic);
     if (problem !== undefined) throw new RelayError('invalid-topic', `invalid topic ${JSON.stringify(topic)}: ${problem}`, { topic });
+    this.checkConnected(topic, unavailable);
+  }
+
+  private checkConnected(topic: string, unavailable: 'subscription-failure' | 'broker-unavailable'): void {
+    if (this.closed) throw new RelayError('broker-unavailable', 'the broker is closed', { topic });
     if (!this.isConnected()) throw new RelayError(unavailable, 'the connection to NATS is down; retrying', { topic });
   }
 

@@ -3,7 +3,7 @@ import { randomBytes } from 'node:crypto';
 import type { Client, ClientConfig, Notification, Pool } from 'pg';
 import { RelayError } from '../errors.ts';
 import { backoff, importPeer } from './broker.ts';
-import type { Broker, BrokerOpener, BrokerOptions, BrokerSubscription, SubscriptionListener } from './broker.ts';
+import type { Broker, BrokerOpener, ControlBus, BrokerOptions, BrokerSubscription, SubscriptionListener } from './broker.ts';
 
 /**
  * PostgreSQL LISTEN / NOTIFY: `postgres://user:pass@host:5432/db` or `postgresql://…` (pg's own URL
@@ -61,6 +61,10 @@ export function decodePayload(payload: string): Buffer {
 
 export class PostgresBroker implements Broker {
   readonly scheme = 'postgres';
+  /** Node-to-node messages travel as any topic's: this driver creates and retains nothing for them. */
+  get control(): ControlBus {
+    return this;
+  }
   readonly applicationName = `livepipe-${randomBytes(6).toString('hex')}`;
   private readonly topics = new Map<string, Set<SubscriptionListener>>();
   private readonly pg: PgModule;

@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { RelayError } from '../errors.ts';
 import { importPeer } from './broker.ts';
-import type { Broker, BrokerOpener, BrokerOptions, BrokerSubscription, SubscriptionListener } from './broker.ts';
+import type { Broker, BrokerOpener, ControlBus, BrokerOptions, BrokerSubscription, SubscriptionListener } from './broker.ts';
 import { TopicEntries } from './topic-entries.ts';
 import type { TopicEntry } from './topic-entries.ts';
 import type * as IORedis from 'ioredis';
@@ -39,6 +39,10 @@ interface Topic extends TopicEntry {
 
 export class RedisBroker implements Broker {
   readonly scheme: string;
+  /** Pub/sub mode only: in streams mode every topic is a retained stream. */
+  get control(): ControlBus | undefined {
+    return this.maxlen === undefined ? this : undefined;
+  }
   /** CLIENT SETNAME of this instance's connections, to find them in CLIENT LIST. */
   readonly clientName: string;
   private readonly pub: Redis;

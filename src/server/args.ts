@@ -53,6 +53,7 @@ const OPTIONS = {
   http2: { type: 'boolean' },
   'log-level': { type: 'string' },
   'shutdown-timeout': { type: 'string' },
+  'scale-out': { type: 'boolean' },
   help: { type: 'boolean', short: 'h' },
   version: { type: 'boolean' },
 } satisfies NonNullable<ParseArgsConfig['options']>;
@@ -80,6 +81,8 @@ Flags (each overrides the same setting of the config file):
       --http2                  serve HTTP/2 (with TLS; HTTP/1.1 is still accepted)
       --log-level <level>      fatal, error, warn, info, debug, trace or silent (default ${SERVER_DEFAULTS.logLevel})
       --shutdown-timeout <ms>  longest graceful shutdown before exiting anyway (default ${SERVER_DEFAULTS.shutdownTimeoutMs})
+      --scale-out              one node of several behind a load balancer, over the same broker
+                               (scaleOut in the config file sets its timings)
   -h, --help                   show this help
       --version                show the version
 
@@ -152,6 +155,8 @@ export function parseCli(argv: string[], env: NodeJS.ProcessEnv = {}): CliComman
   if (config.http2 === true && config.tls === undefined) {
     throw new UsageError(`${values.http2 ? '--http2' : `config ${values.config}: http2`}: needs TLS (--tls-cert and --tls-key, or tls in the config file); browsers speak HTTP/2 only over TLS`);
   }
+  // The flag turns it on; the file's mapping, if any, keeps its timings.
+  if (values['scale-out'] && !relay.scaleOut) relay.scaleOut = true;
   if (Object.keys(relay).length > 0) config.relay = relay;
   return { kind: values['print-config'] ? 'print-config' : 'serve', config };
 }

@@ -7,10 +7,10 @@ import { basename, join } from 'node:path';
 import type { Duplex } from 'node:stream';
 import { AggregatorRegistry } from 'prom-client';
 import type { Principal } from '../auth.ts';
-import { RelayError, toRelayError, type ErrorCode } from '../errors.ts';
+import { RelayError } from '../errors.ts';
+import { fromWire, toWire, type WireError } from '../wire-error.ts';
 import { parseEventId } from '../frames.ts';
 import type { Relay, UpdateRequest, UpdateResult } from '../index.ts';
-import { LimitError, type RejectReason } from '../limits.ts';
 import { setSessionIdPrefix } from '../session.ts';
 import type { ServerConfig } from './args.ts';
 import type { Listener, RequestListener, UpgradeListener } from './listen.ts';
@@ -49,15 +49,6 @@ const PEER_HEADER = 'x-livepipe-peer';
 /** Names the worker (its cluster id) that answered a request: for operators, and for tests to see where a request landed. */
 export const WORKER_HEADER = 'x-livepipe-worker';
 const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'proxy-connection', 'transfer-encoding', 'upgrade', 'te', 'trailer', 'host', PEER_HEADER]);
-
-interface WireError {
-  code: ErrorCode;
-  message: string;
-  topic?: string | undefined;
-  count?: number | undefined;
-  reason?: RejectReason | undefined;
-  retryAfterSec?: number | undefined;
-}
 
 /** The bearer of a forwarded update; undefined for a trusted call (no principal). */
 type Bearer = { token: string | undefined } | undefined;
@@ -285,9 +276,11 @@ export async function joinCluster(relay: Relay, listener: Listener): Promise<voi
     return owner !== undefined && owner !== me && serving.has(owner) ? owner : undefined;
   };
 
+  // Sessions of other nodes (scale-out, whose ids are longer) are routed by what was set before.
+  const forwardElsewhere = core.forwardUpdate;
   core.forwardUpdate = (request, principal) => {
     const owner = remoteOwner(request.sessionId);
-    if (owner === undefined) return undefined;
+    if (owner === undefined) return forwardElsewhere?.(request, principal);
     // The owner authenticates the same bearer again: a Principal does not cross processes.
     const bearer: Bearer = principal === undefined ? undefined : { token: principal.token };
     return ask(owner, (ref) => ({ livepipe: 'update', ref, to: owner, request, bearer })).then((reply) => {
@@ -447,15 +440,8 @@ async function applyUpdate(relay: Relay, message: Extract<Message, { livepipe: '
     }
     return { ...reply, result: await relay.core.updateSubscriptions(message.request, principal) };
   } catch (err) {
-    const error = toRelayError(err);
-    const limit = error instanceof LimitError ? { reason: error.reason, retryAfterSec: error.retryAfterSec } : {};
-    return { ...reply, error: { code: error.code, message: error.message, topic: error.topic, count: error.count, ...limit } };
+    return { ...reply, error: toWire(err) };
   }
-}
-
-function fromWire(error: WireError): RelayError {
-  if (error.reason !== undefined) return new LimitError(error.reason, error.message, error.retryAfterSec);
-  return new RelayError(error.code, error.message, { topic: error.topic, count: error.count });
 }
 
 function sendMetrics(res: ServerResponse, reply: Message): void {

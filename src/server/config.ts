@@ -192,6 +192,10 @@ const RELAY_SHAPE = {
   embedJsonPayloads: bool().optional(),
   auth: auth.optional(),
   limits: limits.optional(),
+  scaleOut: z
+    .union([z.boolean(), mapping({ heartbeatMs: positiveMs().optional(), requestTimeoutMs: positiveMs().optional() })])
+    .describe('true, false, or a mapping { heartbeatMs, requestTimeoutMs }')
+    .optional(),
 };
 
 const SERVER_SHAPE = {

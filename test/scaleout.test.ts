@@ -1,0 +1,178 @@
+/**
+ * Scale-out (src/scaleout/peers.ts), in one process: three relays on one mem:// bus stand for
+ * three nodes behind a load balancer. Separate processes behind nginx, over real brokers, are in
+ * test/scaleout-nodes.test.ts.
+ */
+import { describe, it, afterEach } from 'node:test';
+import assert from 'node:assert/strict';
+import { createRelay } from '../src/index.ts';
+import type { Broker } from '../src/brokers/broker.ts';
+import { startRelay, SseReader, post, type RunningRelay } from './support/relay.ts';
+
+const HEARTBEAT_MS = 50;
+let running: RunningRelay[] = [];
+
+async function nodes(count: number, options: { sessionTtlMs?: number } = {}): Promise<RunningRelay[]> {
+  const broker = `mem://scaleout-${process.pid}-${Math.random()}`;
+  const started: RunningRelay[] = [];
+  for (let i = 0; i < count; i++) {
+    started.push(await startRelay({ broker, publish: true, scaleOut: { heartbeatMs: HEARTBEAT_MS, requestTimeoutMs: 500 }, sessionTtlMs: options.sessionTtlMs ?? 10_000 }));
+  }
+  running.push(...started);
+  // Each node has heard every other's heartbeat.
+  await new Promise((resolve) => setTimeout(resolve, HEARTBEAT_MS * 2));
+  return started;
+}
+
+afterEach(async () => {
+  await Promise.all(running.map((r) => r.close()));
+  running = [];
+});
+
+async function open(node: RunningRelay, query: string, headers: Record<string, string> = {}): Promise<SseReader> {
+  const s = await SseReader.open(`${node.base}/events${query}`, headers);
+  assert.equal(s.response.statusCode, 200);
+  await s.until(() => s.events.length >= 1, 5000, 'config');
+  return s;
+}
+
+async function publish(node: RunningRelay, topic: string, body: string): Promise<void> {
+  const res = await post(`${node.base}/publish?topic=${encodeURIComponent(topic)}`, body, { 'content-type': 'text/plain' });
+  assert.equal(res.status, 204, JSON.stringify(res.body));
+}
+
+/** Closes the client's side and waits until its node has let the connection go. */
+async function drop(node: RunningRelay, s: SseReader): Promise<void> {
+  s.close();
+  const deadline = Date.now() + 5000;
+  while ((node.relay.stats().connections.sse ?? 0) > 0) {
+    if (Date.now() > deadline) throw new Error('the node did not notice the disconnect');
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+}
+
+const payloads = (s: SseReader) => s.messages().map((m) => m.json.payload as string);
+
+describe('scale-out: nodes over one broker', () => {
+  it('applies update_subscriptions that lands on another node to the session where it lives', async () => {
+    const [a, b, c] = await nodes(3);
+    const s = await open(a!, '?topics=one');
+    const id = s.config.session_id as string;
+    const res = await post(`${b!.base}/update_subscriptions`, JSON.stringify({ session_id: id, add: ['two'], remove: ['one'] }));
+    assert.equal(res.status, 200, JSON.stringify(res.body));
+    assert.deepEqual(res.body, { session_id: id, subscriptions: ['two'], failed: [] });
+    await publish(c!, 'one', 'not any more');
+    await publish(c!, 'two', 'hello');
+    await s.until(() => s.messages().length >= 1, 5000, 'the message on the added topic');
+    assert.deepEqual(payloads(s), ['hello']);
+    // Errors come back from the owner as they are, status and code.
+    const bad = await post(`${c!.base}/update_subscriptions`, JSON.stringify({ session_id: id, add: ['livepipe-control.all'] }));
+    assert.equal(bad.status, 400);
+    assert.equal(bad.body.error.code, 'invalid-topic');
+    s.close();
+  });
+
+  it('resumes a session on another node with what the client missed, then keeps it there', async () => {
+    const [a, b, c] = await nodes(3);
+    const s = await open(a!, '?topics=news');
+    const id = s.config.session_id as string;
+    await publish(a!, 'news', 'first');
+    await s.until(() => s.messages().length >= 1, 5000, 'first');
+    const lastId = s.messages()[0]!.id!;
+    await drop(a!, s);
+    await publish(c!, 'news', 'while away');
+
+    const again = await open(b!, '', { 'last-event-id': lastId });
+    assert.equal(again.config.session_id, id);
+    assert.equal(again.config.resumed, true);
+    assert.deepEqual(again.config.subscriptions, ['news']);
+    await again.until(() => again.messages().length >= 1, 5000, 'the replayed message');
+    assert.deepEqual(payloads(again), ['while away']);
+    assert.equal(again.errors().length, 0, 'nothing was lost');
+    assert.equal(a!.relay.stats().sessions, 0, 'the old node gave the session away');
+
+    await publish(a!, 'news', 'live');
+    await again.until(() => again.messages().length >= 2, 5000, 'a live message on the new node');
+    // The new owner answers updates from anywhere, including the old node.
+    const res = await post(`${a!.base}/update_subscriptions`, JSON.stringify({ session_id: id, add: ['sport'] }));
+    assert.equal(res.status, 200, JSON.stringify(res.body));
+    assert.deepEqual(res.body.subscriptions, ['news', 'sport']);
+    await publish(c!, 'sport', 'goal');
+    await again.until(() => again.messages().length >= 3, 5000, 'the added topic on the new node');
+    assert.deepEqual(payloads(again), ['while away', 'live', 'goal']);
+    again.close();
+  });
+
+  it('restores the session of a node that left, with events-lost for the gap', async () => {
+    const [a, b] = await nodes(2);
+    const s = await open(a!, '?topics=x,y');
+    const id = s.config.session_id as string;
+    await post(`${b!.base}/update_subscriptions`, JSON.stringify({ session_id: id, add: ['z'] }));
+    await publish(b!, 'x', 'one');
+    await s.until(() => s.messages().length >= 1, 5000, 'one');
+    const lastId = s.messages()[0]!.id!;
+    await a!.close();
+    running = running.filter((r) => r !== a);
+
+    const again = await open(b!, '', { 'last-event-id': lastId });
+    assert.equal(again.config.session_id, id);
+    assert.equal(again.config.resumed, true);
+    assert.deepEqual(again.config.subscriptions.sort(), ['x', 'y', 'z']);
+    await again.until(() => again.errors().length >= 1, 5000, 'events-lost');
+    assert.equal(again.errors()[0].code, 'events-lost');
+    await publish(b!, 'z', 'after');
+    await again.until(() => again.messages().length >= 1, 5000, 'a message after the restore');
+    assert.deepEqual(payloads(again), ['after']);
+    again.close();
+  });
+
+  it('opens a new session for an id no node knows, and an update for it is unknown-session', async () => {
+    const [a, b] = await nodes(2);
+    const s = await open(a!, '?topics=t');
+    const id = s.config.session_id as string;
+    s.close();
+    // Same node, other random bits.
+    const unknown = `${id.slice(0, 8)}${'A'.repeat(22)}`;
+    const res = await post(`${b!.base}/update_subscriptions`, JSON.stringify({ session_id: unknown, add: ['u'] }));
+    assert.equal(res.status, 404);
+    assert.equal(res.body.error.code, 'unknown-session');
+    const fresh = await open(b!, `?topics=t&session_id=${unknown}`);
+    assert.equal(fresh.config.resumed, false);
+    assert.notEqual(fresh.config.session_id, unknown);
+    fresh.close();
+  });
+
+  it('answers broker-unavailable when the node that holds a session does not answer', async () => {
+    const [a, b] = await nodes(2, { sessionTtlMs: 0 });
+    const s = await open(a!, '?topics=t');
+    const id = s.config.session_id as string;
+    // The owner keeps its session but leaves the other nodes (as if cut off from them).
+    await a!.relay.core.peers!.close();
+    const res = await post(`${b!.base}/update_subscriptions`, JSON.stringify({ session_id: id, add: ['u'] }));
+    assert.equal(res.status, 503, JSON.stringify(res.body));
+    assert.equal(res.body.error.code, 'broker-unavailable');
+    s.close();
+  });
+
+  it('keeps the control topics to itself', async () => {
+    const [a] = await nodes(1);
+    const res = await SseReader.open(`${a!.base}/events?topics=livepipe-control.all`);
+    assert.equal(res.response.statusCode, 400);
+    res.close();
+    const pub = await post(`${a!.base}/publish?topic=livepipe-control.all`, 'x', { 'content-type': 'text/plain' });
+    assert.equal(pub.status, 400);
+    assert.equal(pub.body.error.code, 'invalid-topic');
+  });
+
+  it('refuses to start on a broker that cannot carry node-to-node messages', async () => {
+    const broker: Broker = {
+      scheme: 'queue-only',
+      topicProblem: () => undefined,
+      subscribe: () => Promise.reject(new Error('unused')),
+      publish: () => Promise.resolve(),
+      isConnected: () => true,
+      close: () => Promise.resolve(),
+    };
+    await assert.rejects(createRelay({ broker, scaleOut: true }), /scale-out is not available on queue-only:\/\//);
+  });
+});
