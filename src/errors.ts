@@ -36,6 +36,10 @@ const STATUS: Record<ErrorCode, number> = {
   internal: 500,
 };
 
+export function isErrorCode(value: string): value is ErrorCode {
+  return Object.hasOwn(STATUS, value);
+}
+
 export class RelayError extends Error {
   readonly code: ErrorCode;
   readonly topic: string | undefined;

@@ -89,7 +89,15 @@ export interface CloseOptions {
    * clients wait their usual retry delay. WebSocket clients get close code 1001 either way.
    */
   reconnectDelayMs?: number;
+  /**
+   * With scale-out: how long to wait for other nodes to take this node's sessions over (their
+   * clients reconnect there), so that nothing published meanwhile is lost. Default: the
+   * reconnect delay (or retryMs) plus one second.
+   */
+  handOverMs?: number;
 }
+
+const HAND_OVER_MARGIN_MS = 1000;
 
 /**
  * The transport-independent relay: sessions, subscriptions, resume and publishing. The HTTP
@@ -465,12 +473,25 @@ export class RelayCore {
     this.closing = true;
     clearInterval(this.sweeper);
     const within = options.reconnectDelayMs;
+    // Sessions whose clients are about to reconnect (to another node, when scaled out).
+    const attached = [...this.sessions.values()].filter((session) => session.connection !== undefined);
     for (const connection of [...this.connections]) connection.goAway(within === undefined ? undefined : Math.floor(Math.random() * (within + 1)));
     for (const session of this.sessions.values()) this.cancelExpiry(session);
+    if (this.peers !== undefined) await this.awaitHandOver(attached, options.handOverMs ?? (within ?? this.options.retryMs) + HAND_OVER_MARGIN_MS);
     this.sessions.clear();
     await this.peers?.close();
     await this.hub.close();
     if (this.ownsBroker) await this.broker.close();
+  }
+
+  /**
+   * Scale-out: the clients told to go away reconnect to other nodes, which take their sessions
+   * from this one, with what they missed; waits for that (still receiving their topics) for up
+   * to `ms`. Sessions without a client are restored from their records wherever they come back.
+   */
+  private async awaitHandOver(sessions: Session[], ms: number): Promise<void> {
+    const deadline = Date.now() + ms;
+    while (sessions.some((s) => this.sessions.get(s.id) === s) && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 20));
   }
 
   private async addTopics(session: Session, topics: string[]): Promise<RelayError[]> {

@@ -5,18 +5,19 @@
  */
 import { describe, it, afterEach } from 'node:test';
 import assert from 'node:assert/strict';
-import { createRelay } from '../src/index.ts';
+import { SignJWT } from 'jose';
+import { createRelay, type RelayOptions } from '../src/index.ts';
 import type { Broker } from '../src/brokers/broker.ts';
 import { startRelay, SseReader, post, type RunningRelay } from './support/relay.ts';
 
 const HEARTBEAT_MS = 50;
 let running: RunningRelay[] = [];
 
-async function nodes(count: number, options: { sessionTtlMs?: number } = {}): Promise<RunningRelay[]> {
+async function nodes(count: number, options: Partial<RelayOptions> = {}): Promise<RunningRelay[]> {
   const broker = `mem://scaleout-${process.pid}-${Math.random()}`;
   const started: RunningRelay[] = [];
   for (let i = 0; i < count; i++) {
-    started.push(await startRelay({ broker, publish: true, scaleOut: { heartbeatMs: HEARTBEAT_MS, requestTimeoutMs: 500 }, sessionTtlMs: options.sessionTtlMs ?? 10_000 }));
+    started.push(await startRelay({ broker, publish: true, scaleOut: { heartbeatMs: HEARTBEAT_MS, requestTimeoutMs: 500 }, sessionTtlMs: 10_000, ...options }));
   }
   running.push(...started);
   // Each node has heard every other's heartbeat.
@@ -25,7 +26,8 @@ async function nodes(count: number, options: { sessionTtlMs?: number } = {}): Pr
 }
 
 afterEach(async () => {
-  await Promise.all(running.map((r) => r.close()));
+  // Clients that went away do not come back: no waiting for other nodes to take their sessions.
+  await Promise.all(running.map((r) => r.relay.close({ handOverMs: 0 }).then(() => r.close())));
   running = [];
 });
 
@@ -111,8 +113,8 @@ describe('scale-out: nodes over one broker', () => {
     await publish(b!, 'x', 'one');
     await s.until(() => s.messages().length >= 1, 5000, 'one');
     const lastId = s.messages()[0]!.id!;
-    await a!.close();
-    running = running.filter((r) => r !== a);
+    // Gone without handing anything over (what a crash does, but saying goodbye).
+    await a!.relay.close({ handOverMs: 0 });
 
     const again = await open(b!, '', { 'last-event-id': lastId });
     assert.equal(again.config.session_id, id);
@@ -123,6 +125,25 @@ describe('scale-out: nodes over one broker', () => {
     await publish(b!, 'z', 'after');
     await again.until(() => again.messages().length >= 1, 5000, 'a message after the restore');
     assert.deepEqual(payloads(again), ['after']);
+    again.close();
+  });
+
+  it('hands its sessions to the nodes their clients reconnect to when it shuts down, losing nothing', async () => {
+    const [a, b] = await nodes(2);
+    const s = await open(a!, '?topics=deploy');
+    await publish(a!, 'deploy', 'before');
+    await s.until(() => s.messages().length >= 1, 5000, 'before');
+    const lastId = s.messages()[0]!.id!;
+    const closing = a!.relay.close({ reconnectDelayMs: 0, handOverMs: 5000 });
+    await s.until(() => s.ended, 5000, 'the stream to end');
+    await publish(b!, 'deploy', 'during the shutdown');
+
+    const again = await open(b!, '', { 'last-event-id': lastId });
+    assert.equal(again.config.resumed, true);
+    await again.until(() => again.messages().length >= 1, 5000, 'the message published during the shutdown');
+    assert.deepEqual(payloads(again), ['during the shutdown']);
+    assert.deepEqual(again.errors(), []);
+    await closing;
     again.close();
   });
 
@@ -151,6 +172,47 @@ describe('scale-out: nodes over one broker', () => {
     const res = await post(`${b!.base}/update_subscriptions`, JSON.stringify({ session_id: id, add: ['u'] }));
     assert.equal(res.status, 503, JSON.stringify(res.body));
     assert.equal(res.body.error.code, 'broker-unavailable');
+    s.close();
+  });
+
+  it('keeps a session to the identity that opened it, on every node', async () => {
+    const secret = 'a-shared-secret-of-at-least-32-bytes!';
+    const [a, b] = await nodes(2, { auth: { jwt: { secret } } });
+    const bearer = async (sub: string, subscribe: string[]) => ({
+      authorization: `Bearer ${await new SignJWT({ livepipe: { subscribe } }).setProtectedHeader({ alg: 'HS256' }).setSubject(sub).setExpirationTime('5m').sign(new TextEncoder().encode(secret))}`,
+    });
+    const alice = await bearer('alice', ['own.*']);
+    const mallory = await bearer('mallory', ['*']);
+    const s = await open(a!, '?topics=own.feed', alice);
+    const id = s.config.session_id as string;
+    const update = (headers: Record<string, string>, add: string[]) => post(`${b!.base}/update_subscriptions`, JSON.stringify({ session_id: id, add }), { 'content-type': 'application/json', ...headers });
+
+    const stolen = await update(mallory, ['own.more']);
+    assert.equal(stolen.status, 403, JSON.stringify(stolen.body));
+    const hijack = await SseReader.open(`${b!.base}/events?session_id=${id}`, mallory);
+    assert.equal(hijack.response.statusCode, 403);
+    hijack.close();
+    assert.equal(s.ended, false, "alice's stream is left alone");
+    assert.equal(a!.relay.stats().sessions, 1, 'and her session stays where it was');
+    // Her own grants are checked on the node the update reached.
+    const denied = await update(alice, ['other.topic']);
+    assert.equal(denied.status, 403);
+    assert.equal(denied.body.error.topic, 'other.topic');
+    const allowed = await update(alice, ['own.more']);
+    assert.equal(allowed.status, 200, JSON.stringify(allowed.body));
+    assert.deepEqual(allowed.body.subscriptions, ['own.feed', 'own.more']);
+    s.close();
+  });
+
+  it('ignores malformed node-to-node messages and keeps working', async () => {
+    const [a, b] = await nodes(2);
+    const control = a!.relay.core.broker.control!;
+    for (const junk of ['not json', '{"t":"take"}', '{"from":"x","t":"held","records":"nope"}', '{"from":"x","t":"unknown"}', '[]', 'null']) {
+      await control.publish('livepipe-control.all', Buffer.from(junk));
+    }
+    const s = await open(a!, '?topics=still');
+    const res = await post(`${b!.base}/update_subscriptions`, JSON.stringify({ session_id: s.config.session_id, add: ['working'] }));
+    assert.equal(res.status, 200, JSON.stringify(res.body));
     s.close();
   });
 

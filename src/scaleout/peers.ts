@@ -1,9 +1,11 @@
 import { randomBytes } from 'node:crypto';
+import { z } from 'zod';
 import type { BrokerOptions, BrokerSubscription, ControlBus } from '../brokers/broker.ts';
-import { RelayError } from '../errors.ts';
+import { RelayError, isErrorCode } from '../errors.ts';
 import { type AdoptedSession, type RelayCore, type SessionPeers, type SessionSnapshot, type UpdateRequest, type UpdateResult } from '../relay.ts';
 import type { Principal } from '../auth.ts';
 import type { ScaleOutOptions } from '../options.ts';
+import { REJECT_REASONS } from '../limits.ts';
 import { fromWire, toWire, type WireError } from '../wire-error.ts';
 import { CONTROL_TOPIC_PREFIX, NODE_TAG_BYTES, nodeOfSession } from './node-id.ts';
 
@@ -28,24 +30,36 @@ const MISSED_BEATS = 3;
 /** Records per message when a node sends all of its sessions to a new one. */
 const RECORDS_PER_MESSAGE = 500;
 
-interface WireRecord {
-  id: string;
-  topics: string[];
-  identity?: string | undefined;
-}
+// Node-to-node messages, checked on arrival: anything on the broker can publish to these topics.
+const count = z.number().int().nonnegative();
+const text = z.string();
+const wireError = z.object({
+  code: z.string().refine(isErrorCode),
+  message: text,
+  topic: text.optional(),
+  count: count.optional(),
+  reason: z.enum(REJECT_REASONS).optional(),
+  retryAfterSec: z.number().optional(),
+}) satisfies z.ZodType<WireError>;
+const wireRecord = z.object({ id: text, topics: z.array(text), identity: text.optional() });
+const updateRequest = z.object({ sessionId: text, add: z.array(text), remove: z.array(text) });
+const updateResult = z.object({ session_id: text, subscriptions: z.array(text), failed: z.array(z.object({ topic: text, code: text, message: text })) });
+const BODY = z.discriminatedUnion('t', [
+  z.object({ t: z.literal('hello') }),
+  z.object({ t: z.literal('beat') }),
+  z.object({ t: z.literal('bye') }),
+  z.object({ t: z.literal('held'), records: z.array(wireRecord) }),
+  z.object({ t: z.literal('dropped'), id: text }),
+  z.object({ t: z.literal('take'), ref: count, id: text, seq: count.optional(), identity: text.optional() }),
+  z.object({ t: z.literal('taken'), ref: count, topics: z.array(text).optional(), missed: z.array(z.tuple([text, text, z.number()])).optional(), incomplete: z.boolean().optional(), error: wireError.optional() }),
+  z.object({ t: z.literal('update'), ref: count, request: updateRequest, identity: text.optional() }),
+  z.object({ t: z.literal('updated'), ref: count, result: updateResult.optional(), error: wireError.optional() }),
+]);
+const ENVELOPE = z.intersection(BODY, z.object({ from: text }));
 
-type Body =
-  | { t: 'hello' }
-  | { t: 'beat' }
-  | { t: 'bye' }
-  | { t: 'held'; records: WireRecord[] }
-  | { t: 'dropped'; id: string }
-  | { t: 'take'; ref: number; id: string; seq?: number | undefined; identity?: string | undefined }
-  | { t: 'taken'; ref: number; topics?: string[]; missed?: Array<[topic: string, envelope: string, receivedAt: number]>; incomplete?: boolean; error?: WireError }
-  | { t: 'update'; ref: number; request: UpdateRequest; identity?: string | undefined }
-  | { t: 'updated'; ref: number; result?: UpdateResult; error?: WireError };
-
-type Envelope = Body & { from: string };
+type WireRecord = z.infer<typeof wireRecord>;
+type Body = z.infer<typeof BODY>;
+type Envelope = z.infer<typeof ENVELOPE>;
 type Reply = Extract<Body, { t: 'taken' } | { t: 'updated' }>;
 
 interface SessionRecord {
@@ -192,13 +206,13 @@ export class Peers implements SessionPeers {
   private receive(bytes: Uint8Array): void {
     let message: Envelope;
     try {
-      message = JSON.parse(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString('utf8')) as Envelope;
+      message = ENVELOPE.parse(JSON.parse(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString('utf8')));
     } catch {
       this.log?.('warn', 'ignored a malformed node-to-node message');
       return;
     }
     const from = message.from;
-    if (typeof from !== 'string' || from === this.node) return;
+    if (from === this.node) return;
     if (message.t !== 'bye') this.nodes.set(from, { lastSeen: Date.now(), gone: false });
     switch (message.t) {
       case 'hello':
