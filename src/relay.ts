@@ -392,16 +392,7 @@ export class RelayCore {
     if (session.identity !== identity) throw new RelayError('forbidden', 'this session was opened by another identity: open a new stream');
     const connection = session.connection;
     // What the client missed: after the id it sent back, or else after what was handed to its connection.
-    const position = seq === undefined ? session.position : Math.min(seq, this.hub.lastSeq);
-    const now = Date.now();
-    const missed: RelayMessage[] = [];
-    let incomplete = false;
-    for (const [topic, since] of session.topics) {
-      const part = this.hub.historySince(topic, Math.max(position, since), now);
-      missed.push(...part.messages);
-      incomplete ||= part.incomplete;
-    }
-    missed.sort((a, b) => a.seq - b.seq);
+    const { missed, incomplete } = this.missedSince(session, seq === undefined ? session.position : Math.min(seq, this.hub.lastSeq));
     const topics = [...session.topics.keys()];
     session.connection = undefined;
     connection?.close();
@@ -507,12 +498,8 @@ export class RelayCore {
     return failures;
   }
 
-  /** Queues what the session missed since `position`, with `events-lost` first when history no longer holds all of it. */
-  private replay(session: Session, position: number, connection: QueuedConnection): void {
-    if (position >= this.hub.lastSeq) {
-      session.position = position;
-      return;
-    }
+  /** What the topics' history holds for the session after `position`, oldest first, and whether that is all of it. */
+  private missedSince(session: Session, position: number): { missed: RelayMessage[]; incomplete: boolean } {
     const now = Date.now();
     const missed: RelayMessage[] = [];
     let incomplete = false;
@@ -522,6 +509,16 @@ export class RelayCore {
       incomplete ||= part.incomplete;
     }
     missed.sort((a, b) => a.seq - b.seq);
+    return { missed, incomplete };
+  }
+
+  /** Queues what the session missed since `position`, with `events-lost` first when history no longer holds all of it. */
+  private replay(session: Session, position: number, connection: QueuedConnection): void {
+    if (position >= this.hub.lastSeq) {
+      session.position = position;
+      return;
+    }
+    const { missed, incomplete } = this.missedSince(session, position);
     if (incomplete) {
       connection.sendError(new RelayError('events-lost', 'some events published while this client was away are no longer held by the relay'));
     }
