@@ -4,7 +4,7 @@ import type { ConnectionStats, QueuedConnection } from './connection.ts';
 import { RelayError } from './errors.ts';
 import { RelayMessage, eventId, parseEventId } from './frames.ts';
 import { Hub } from './hub.ts';
-import { CONTROL_TOPIC_PREFIX } from './scaleout/node-id.ts';
+import { CONTROL_TOPIC_PREFIX, SHARED_CONTROL_TOPIC, isControlTopic } from './scaleout/node-id.ts';
 import { joinPeers } from './scaleout/peers.ts';
 import { Limits, checkLimitOptions, type ConnectionSlot } from './limits.ts';
 import { resolveOptions, type RelayOptions, type ResolvedOptions } from './options.ts';
@@ -557,7 +557,7 @@ export class RelayCore {
     for (const topic of topics) {
       // The transports checked section 1 already; the app's own updateSubscriptions call did not.
       assertTopic(topic);
-      if (topic.startsWith(CONTROL_TOPIC_PREFIX)) throw new RelayError('invalid-topic', `topics starting with ${CONTROL_TOPIC_PREFIX} are reserved for livepipe's own node-to-node messages`, { topic });
+      if (isControlTopic(topic)) throw new RelayError('invalid-topic', `${SHARED_CONTROL_TOPIC} and topics starting with ${CONTROL_TOPIC_PREFIX} are reserved for livepipe's own node-to-node messages`, { topic });
       const problem = this.broker.topicProblem(topic);
       if (problem !== undefined) {
         throw new RelayError('invalid-topic', `invalid topic ${JSON.stringify(topic)} for ${this.broker.scheme}://: ${problem}`, { topic });

@@ -19,6 +19,7 @@ import { skipUnlessCi, unreachable } from './brokers/availability.ts';
 const run = promisify(execFile);
 const NATS_URL = process.env.LIVEPIPE_NATS_URL ?? 'nats://127.0.0.1:4222';
 const AMQP_URL = process.env.LIVEPIPE_AMQP_URL ?? 'amqp://guest:guest@127.0.0.1:5672';
+const KAFKA_URL = process.env.LIVEPIPE_KAFKA_URL ?? 'kafka://127.0.0.1:9092';
 
 interface Node {
   process: LivepipeProcess;
@@ -199,3 +200,6 @@ const rabbitQueues: Resources = async () => {
   return stdout.split('\n').filter((line) => line.startsWith('amq.gen-')).length;
 };
 suite('RabbitMQ', AMQP_URL, await unreachable('RabbitMQ', amqpServer.hostname, Number(amqpServer.port || 5672)), 'scaleout', false, rabbitQueues);
+// Kafka has no plain publish/subscribe: node-to-node messages share one topic (src/scaleout/shared-bus.ts).
+const kafkaServer = new URL(KAFKA_URL);
+suite('Kafka', KAFKA_URL, await unreachable('Kafka', kafkaServer.hostname, Number(kafkaServer.port || 9092)), 'scaleout', false);

@@ -7,6 +7,7 @@ import { describe, it, afterEach } from 'node:test';
 import assert from 'node:assert/strict';
 import { SignJWT } from 'jose';
 import { createRelay, type RelayOptions } from '../src/index.ts';
+import { openBroker } from '../src/brokers/index.ts';
 import type { Broker } from '../src/brokers/broker.ts';
 import { startRelay, SseReader, post, type RunningRelay } from './support/relay.ts';
 
@@ -226,15 +227,42 @@ describe('scale-out: nodes over one broker', () => {
     assert.equal(pub.body.error.code, 'invalid-topic');
   });
 
-  it('refuses to start on a broker that cannot carry node-to-node messages', async () => {
+  it('refuses to start on a broker whose readers compete for messages', async () => {
     const broker: Broker = {
-      scheme: 'queue-only',
+      scheme: 'awssqs',
       topicProblem: () => undefined,
       subscribe: () => Promise.reject(new Error('unused')),
       publish: () => Promise.resolve(),
       isConnected: () => true,
       close: () => Promise.resolve(),
     };
-    await assert.rejects(createRelay({ broker, scaleOut: true }), /scale-out is not available on queue-only:\/\//);
+    await assert.rejects(createRelay({ broker, scaleOut: true }), /scale-out needs a broker that gives every node each message; awssqs:\/\/ splits them/);
+  });
+
+  it('carries node-to-node messages on one shared topic where the broker has no plain publish/subscribe', async () => {
+    const bus = await openBroker(`mem://shared-${process.pid}-${Math.random()}`);
+    // The same bus seen through a driver without a control bus of its own (as Kafka's).
+    const withoutControl = (): Broker => ({
+      scheme: 'mem',
+      topicProblem: (t) => bus.topicProblem(t),
+      subscribe: (t, l) => bus.subscribe(t, l),
+      publish: (t, b) => bus.publish(t, b),
+      isConnected: () => bus.isConnected(),
+      close: async () => {},
+    });
+    const seen: string[] = [];
+    await bus.subscribe('livepipe-control', { message: (b) => seen.push(Buffer.from(b).toString().split('\n')[0]!), error() {}, recovered() {} });
+    const [a, b] = await Promise.all([0, 1].map(() => startRelay({ broker: withoutControl(), publish: true, scaleOut: { heartbeatMs: HEARTBEAT_MS, requestTimeoutMs: 500 } })));
+    running.push(a!, b!);
+    await new Promise((resolve) => setTimeout(resolve, HEARTBEAT_MS * 2));
+    const s = await open(a!, '?topics=t');
+    const res = await post(`${b!.base}/update_subscriptions`, JSON.stringify({ session_id: s.config.session_id, add: ['u'] }));
+    assert.equal(res.status, 200, JSON.stringify(res.body));
+    assert.deepEqual(res.body.subscriptions, ['t', 'u']);
+    assert.ok(seen.includes(`livepipe-control.${(s.config.session_id as string).slice(0, 8)}`), 'the update went to its node on the shared topic');
+    const reserved = await post(`${a!.base}/publish?topic=livepipe-control`, 'x', { 'content-type': 'text/plain' });
+    assert.equal(reserved.body.error.code, 'invalid-topic');
+    s.close();
+    await bus.close();
   });
 });

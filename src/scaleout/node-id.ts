@@ -15,3 +15,10 @@ export function nodeOfSession(sessionId: string): string | undefined {
 
 /** Topics under this prefix carry node-to-node messages; no client may subscribe or publish to them. */
 export const CONTROL_TOPIC_PREFIX = 'livepipe-control.';
+/** The one topic that carries them all on brokers without a plain publish/subscribe (see shared-bus.ts); reserved too. */
+export const SHARED_CONTROL_TOPIC = 'livepipe-control';
+
+/** True for a topic that livepipe keeps for its own node-to-node messages. */
+export function isControlTopic(topic: string): boolean {
+  return topic === SHARED_CONTROL_TOPIC || topic.startsWith(CONTROL_TOPIC_PREFIX);
+}

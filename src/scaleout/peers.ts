@@ -8,6 +8,7 @@ import type { ScaleOutOptions } from '../options.ts';
 import { REJECT_REASONS } from '../limits.ts';
 import { fromWire, toWire, type WireError } from '../wire-error.ts';
 import { CONTROL_TOPIC_PREFIX, NODE_TAG_BYTES, nodeOfSession } from './node-id.ts';
+import { sharedControlBus } from './shared-bus.ts';
 
 /**
  * Scale-out: many relays (nodes) behind a plain load balancer, over the user's own broker.
@@ -323,13 +324,11 @@ function toWireRecord(session: SessionSnapshot): WireRecord {
 
 /** Makes `core` one node of several over its broker. */
 export async function joinPeers(core: RelayCore, options: ScaleOutOptions, log?: BrokerOptions['log']): Promise<Peers> {
-  const bus = core.broker.control;
-  if (bus === undefined) {
-    throw new RelayError(
-      'bad-request',
-      `scale-out is not available on ${core.broker.scheme}:// yet: nodes talk over plain publish/subscribe that keeps nothing (nats://, redis:// pub/sub, amqp://, mqtt://, postgres://, mem://)`,
-    );
+  // awssqs:// is a queue of competing consumers: a node-to-node message would reach one node of all.
+  if (core.broker.scheme === 'awssqs') {
+    throw new RelayError('bad-request', 'scale-out needs a broker that gives every node each message; awssqs:// splits them between its readers (use awssns://)');
   }
+  const bus = core.broker.control ?? sharedControlBus(core.broker);
   const tag = randomBytes(NODE_TAG_BYTES);
   const peers = new Peers(core, bus, tag.toString('base64url'), options, log);
   core.sessionIdPrefix = tag;
