@@ -56,6 +56,16 @@ export function createMetrics(core: RelayCore): Registry {
       }
     },
   });
+  const peers = core.peers;
+  if (peers !== undefined) {
+    gauge(registry, 'livepipe_scaleout_nodes', 'Other nodes heard from within three heartbeats.', () => peers.stats().nodes);
+    gauge(registry, 'livepipe_scaleout_session_records', "Records of other nodes' sessions held here.", () => peers.stats().records);
+    counter(registry, 'livepipe_scaleout_sessions_handed_over_total', 'Sessions a live node handed to this one (a client resumed here).', () => peers.stats().handedOver);
+    counter(registry, 'livepipe_scaleout_sessions_restored_total', 'Sessions of a gone node restored here from their records.', () => peers.stats().restored);
+    counter(registry, 'livepipe_scaleout_sessions_given_total', 'Sessions this node handed to another.', () => peers.stats().given);
+    counter(registry, 'livepipe_scaleout_updates_forwarded_total', 'update_subscriptions sent to the node that holds the session.', () => peers.stats().updatesForwarded);
+    counter(registry, 'livepipe_scaleout_requests_unanswered_total', 'Requests to other nodes that got no answer in time.', () => peers.stats().unanswered);
+  }
   return registry;
 }
 

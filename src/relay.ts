@@ -68,6 +68,24 @@ export interface SessionPeers {
   dropped(sessionId: string): void;
   /** Leaves the other nodes (on a clean shutdown, before the broker closes). */
   close(): Promise<void>;
+  /** For the metrics. */
+  stats(): PeerStats;
+}
+
+export interface PeerStats {
+  /** Other nodes heard from within three heartbeats. */
+  nodes: number;
+  /** Session records of other nodes held here. */
+  records: number;
+  /** Sessions taken over from other nodes: handed over by a live owner, or restored from a record. */
+  handedOver: number;
+  restored: number;
+  /** Sessions this node gave to other nodes. */
+  given: number;
+  /** Updates sent to the node that holds their session. */
+  updatesForwarded: number;
+  /** Requests to other nodes that got no answer in time. */
+  unanswered: number;
 }
 
 export interface RelayStats {

@@ -54,6 +54,8 @@ async function drop(node: RunningRelay, s: SseReader): Promise<void> {
   }
 }
 
+const metrics = async (node: RunningRelay) => (await fetch(`${node.base}/metrics`)).text();
+
 const payloads = (s: SseReader) => s.messages().map((m) => m.json.payload as string);
 
 describe('scale-out: nodes over one broker', () => {
@@ -93,6 +95,9 @@ describe('scale-out: nodes over one broker', () => {
     assert.deepEqual(payloads(again), ['while away']);
     assert.equal(again.errors().length, 0, 'nothing was lost');
     assert.equal(a!.relay.stats().sessions, 0, 'the old node gave the session away');
+    assert.match(await metrics(b!), /^livepipe_scaleout_sessions_handed_over_total 1$/m);
+    assert.match(await metrics(a!), /^livepipe_scaleout_sessions_given_total 1$/m);
+    assert.match(await metrics(a!), /^livepipe_scaleout_nodes 2$/m);
 
     await publish(a!, 'news', 'live');
     await again.until(() => again.messages().length >= 2, 5000, 'a live message on the new node');
@@ -123,6 +128,7 @@ describe('scale-out: nodes over one broker', () => {
     assert.deepEqual(again.config.subscriptions.sort(), ['x', 'y', 'z']);
     await again.until(() => again.errors().length >= 1, 5000, 'events-lost');
     assert.equal(again.errors()[0].code, 'events-lost');
+    assert.match(await metrics(b!), /^livepipe_scaleout_sessions_restored_total 1$/m);
     await publish(b!, 'z', 'after');
     await again.until(() => again.messages().length >= 1, 5000, 'a message after the restore');
     assert.deepEqual(payloads(again), ['after']);

@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { z } from 'zod';
 import type { BrokerOptions, BrokerSubscription, ControlBus } from '../brokers/broker.ts';
 import { RelayError, isErrorCode } from '../errors.ts';
-import { type AdoptedSession, type RelayCore, type SessionPeers, type SessionSnapshot, type UpdateRequest, type UpdateResult } from '../relay.ts';
+import { type AdoptedSession, type PeerStats, type RelayCore, type SessionPeers, type SessionSnapshot, type UpdateRequest, type UpdateResult } from '../relay.ts';
 import type { Principal } from '../auth.ts';
 import type { ScaleOutOptions } from '../options.ts';
 import { REJECT_REASONS } from '../limits.ts';
@@ -83,6 +83,7 @@ export class Peers implements SessionPeers {
   private readonly pending = new Map<number, { settle: (reply: Reply | undefined) => void; timer: NodeJS.Timeout }>();
   private readonly subscriptions: BrokerSubscription[] = [];
   private readonly startedAt = Date.now();
+  private readonly counters = { handedOver: 0, restored: 0, given: 0, updatesForwarded: 0, unanswered: 0 };
   private timer: NodeJS.Timeout | undefined;
   private nextRef = 0;
   private closed = false;
@@ -122,6 +123,7 @@ export class Peers implements SessionPeers {
         this.records.delete(sessionId);
         // The owner no longer has it: it expired there.
         if (reply.topics === undefined) return undefined;
+        this.counters.handedOver++;
         return {
           id: sessionId,
           topics: reply.topics,
@@ -133,6 +135,7 @@ export class Peers implements SessionPeers {
     if (record === undefined) return undefined;
     if (record.identity !== identity) throw new RelayError('forbidden', 'this session was opened by another identity: open a new stream');
     this.records.delete(sessionId);
+    this.counters.restored++;
     return { id: sessionId, topics: record.topics, missed: [], lost: 'the relay node that held this session stopped; events published on its topics since then may be lost' };
   }
 
@@ -150,6 +153,13 @@ export class Peers implements SessionPeers {
 
   dropped(sessionId: string): void {
     this.broadcast({ t: 'dropped', id: sessionId });
+  }
+
+  stats(): PeerStats {
+    const now = Date.now();
+    let nodes = 0;
+    for (const seen of this.nodes.values()) if (!seen.gone && now - seen.lastSeen < MISSED_BEATS * this.heartbeatMs) nodes++;
+    return { nodes, records: this.records.size, ...this.counters };
   }
 
   async close(): Promise<void> {
@@ -174,6 +184,7 @@ export class Peers implements SessionPeers {
       const refused = await auth.denied(principal, 'subscribe', request.add);
       if (refused.length > 0) throw new RelayError('forbidden', refused.map((r) => r.message).join('; '), { topic: refused[0]!.topic! });
     }
+    this.counters.updatesForwarded++;
     const reply = this.mayAnswer(owner) ? await this.request(owner, { t: 'update', ref: 0, request, identity: principal?.identity }) : undefined;
     if (reply?.t !== 'updated') {
       throw new RelayError('broker-unavailable', 'the relay node that holds this session does not answer; reconnect the stream (it resumes on another node), then retry');
@@ -252,6 +263,7 @@ export class Peers implements SessionPeers {
     let reply: Extract<Body, { t: 'taken' }>;
     try {
       const given = this.core.handOver(message.id, message.seq, message.identity);
+      if (given !== undefined) this.counters.given++;
       reply =
         given === undefined
           ? { t: 'taken', ref: message.ref }
@@ -293,6 +305,7 @@ export class Peers implements SessionPeers {
       const ref = this.nextRef++;
       const timer = setTimeout(() => {
         this.pending.delete(ref);
+        this.counters.unanswered++;
         resolve(undefined);
       }, this.requestTimeoutMs);
       this.pending.set(ref, { settle: resolve, timer });
