@@ -152,6 +152,8 @@ export interface ScaleOutOptions {
   heartbeatMs?: number;
   /** How long a node waits for another's answer (a hand-over, a forwarded update), in ms (default 2000). */
   requestTimeoutMs?: number;
+  /** Told about trouble between nodes (malformed messages, an interrupted control bus, a failed hand-over). */
+  log?: (level: 'info' | 'warn' | 'error', message: string, details?: Record<string, unknown>) => void;
 }
 
 export interface ResolvedOptions {

@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { z } from 'zod';
-import type { BrokerOptions, BrokerSubscription, ControlBus } from '../brokers/broker.ts';
+import type { BrokerSubscription, ControlBus } from '../brokers/broker.ts';
 import { RelayError, isErrorCode } from '../errors.ts';
 import { type AdoptedSession, type PeerStats, type RelayCore, type SessionPeers, type SessionSnapshot, type UpdateRequest, type UpdateResult } from '../relay.ts';
 import type { Principal } from '../auth.ts';
@@ -76,7 +76,7 @@ export class Peers implements SessionPeers {
   private readonly bus: ControlBus;
   private readonly heartbeatMs: number;
   private readonly requestTimeoutMs: number;
-  private readonly log: BrokerOptions['log'];
+  private readonly log: ScaleOutOptions['log'];
   private readonly records = new Map<string, SessionRecord>();
   /** When each other node was last heard from; `gone` once it said goodbye. */
   private readonly nodes = new Map<string, { lastSeen: number; gone: boolean }>();
@@ -88,13 +88,13 @@ export class Peers implements SessionPeers {
   private nextRef = 0;
   private closed = false;
 
-  constructor(core: RelayCore, bus: ControlBus, node: string, options: ScaleOutOptions, log: BrokerOptions['log']) {
+  constructor(core: RelayCore, bus: ControlBus, node: string, options: ScaleOutOptions) {
     this.core = core;
     this.bus = bus;
     this.node = node;
     this.heartbeatMs = options.heartbeatMs ?? 1000;
     this.requestTimeoutMs = options.requestTimeoutMs ?? 2000;
-    this.log = log;
+    this.log = options.log;
   }
 
   /** Subscribes the control topics, announces this node and starts its heartbeat. */
@@ -336,14 +336,14 @@ function toWireRecord(session: SessionSnapshot): WireRecord {
 }
 
 /** Makes `core` one node of several over its broker. */
-export async function joinPeers(core: RelayCore, options: ScaleOutOptions, log?: BrokerOptions['log']): Promise<Peers> {
+export async function joinPeers(core: RelayCore, options: ScaleOutOptions): Promise<Peers> {
   // awssqs:// is a queue of competing consumers: a node-to-node message would reach one node of all.
   if (core.broker.scheme === 'awssqs') {
     throw new RelayError('bad-request', 'scale-out needs a broker that gives every node each message; awssqs:// splits them between its readers (use awssns://)');
   }
   const bus = core.broker.control ?? sharedControlBus(core.broker);
   const tag = randomBytes(NODE_TAG_BYTES);
-  const peers = new Peers(core, bus, tag.toString('base64url'), options, log);
+  const peers = new Peers(core, bus, tag.toString('base64url'), options);
   core.sessionIdPrefix = tag;
   core.peers = peers;
   const forward = core.forwardUpdate;

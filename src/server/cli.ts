@@ -65,7 +65,9 @@ export async function startServer(config: ServerConfig, log: Logger = silentLogg
     throw new StartError(`cannot open the broker ${redact(config.broker)}: ${(err as Error).message}`, { cause: err });
   }
   // The config file's library options, and where it sets no cors / publish, the server's policy.
-  const relay = await createRelay({ broker, ...relayOptions(config), ...(tracing === undefined ? {} : { tracer: tracing.tracer }) });
+  const options = relayOptions(config);
+  if (options.scaleOut) options.scaleOut = { ...(options.scaleOut === true ? {} : options.scaleOut), log: brokerLog(log, 'scale-out') };
+  const relay = await createRelay({ broker, ...options, ...(tracing === undefined ? {} : { tracer: tracing.tracer }) });
   // Connect and gRPC-Web on the main port; gRPC needs HTTP/2, which node serves in cleartext only on a port of its own.
   const rpc = relay.connectHandler();
   // HTTP, HTTPS, or HTTP/2 that still takes HTTP/1.1 (listen.ts). WebSocket at /ws; an upgrade for any other path is answered 404.

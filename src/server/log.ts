@@ -37,9 +37,9 @@ export function silentLogger(): Logger {
 }
 
 /** The `log` callback of broker drivers (reconnects, errors), as records with `component: "broker"`. */
-export function brokerLog(log: Logger): NonNullable<BrokerOptions['log']> {
-  const broker = log.child({ component: 'broker' });
-  return (level, message, details) => broker[level](details ?? {}, message);
+export function brokerLog(log: Logger, component = 'broker'): NonNullable<BrokerOptions['log']> {
+  const child = log.child({ component });
+  return (level, message, details) => child[level](details ?? {}, message);
 }
 
 /**
