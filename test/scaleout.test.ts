@@ -9,6 +9,7 @@ import { SignJWT } from 'jose';
 import { createRelay, type RelayOptions } from '../src/index.ts';
 import { openBroker } from '../src/brokers/index.ts';
 import type { Broker } from '../src/brokers/broker.ts';
+import type { Peers } from '../src/scaleout/peers.ts';
 import { startRelay, SseReader, post, type RunningRelay } from './support/relay.ts';
 
 const HEARTBEAT_MS = 50;
@@ -133,6 +134,29 @@ describe('scale-out: nodes over one broker', () => {
     await again.until(() => again.messages().length >= 1, 5000, 'a message after the restore');
     assert.deepEqual(payloads(again), ['after']);
     again.close();
+  });
+
+  it('sends a late hand-over request on to the node that took the session meanwhile', async () => {
+    const [a, b, c] = await nodes(3);
+    const s = await open(a!, '?topics=race');
+    const id = s.config.session_id as string;
+    await drop(a!, s);
+    const onB = await open(b!, `?session_id=${id}`);
+    assert.equal(onB.config.resumed, true);
+    // A request that left before the news of the move reached its sender (a client that reconnected twice at once).
+    const bus = a!.relay.core.broker.control!;
+    const replies: any[] = [];
+    await bus.subscribe('livepipe-control.latecomer', { message: (body) => replies.push(JSON.parse(Buffer.from(body).toString())), error() {}, recovered() {} });
+    await bus.publish(`livepipe-control.${id.slice(0, 8)}`, Buffer.from(JSON.stringify({ t: 'take', ref: 7, id, from: 'latecomer' })));
+    const deadline = Date.now() + 5000;
+    while (replies.length === 0 && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 10));
+    assert.deepEqual(replies, [{ t: 'taken', ref: 7, movedTo: (b!.relay.core.peers as Peers).node, from: id.slice(0, 8) }]);
+    // And a node that resumes it now gets it from where it lives.
+    const onC = await open(c!, `?session_id=${id}`);
+    assert.equal(onC.config.resumed, true);
+    assert.equal(b!.relay.stats().sessions, 0);
+    onB.close();
+    onC.close();
   });
 
   it('hands its sessions to the nodes their clients reconnect to when it shuts down, losing nothing', async () => {

@@ -28,6 +28,8 @@ import { sharedControlBus } from './shared-bus.ts';
 
 const ALL = `${CONTROL_TOPIC_PREFIX}all`;
 const MISSED_BEATS = 3;
+/** How many times a hand-over request follows a session that moved on meanwhile. */
+const MAX_HOPS = 3;
 /** Records per message when a node sends all of its sessions to a new one. */
 const RECORDS_PER_MESSAGE = 500;
 
@@ -52,7 +54,7 @@ const BODY = z.discriminatedUnion('t', [
   z.object({ t: z.literal('held'), records: z.array(wireRecord) }),
   z.object({ t: z.literal('dropped'), id: text }),
   z.object({ t: z.literal('take'), ref: count, id: text, seq: count.optional(), identity: text.optional() }),
-  z.object({ t: z.literal('taken'), ref: count, topics: z.array(text).optional(), missed: z.array(z.tuple([text, text, z.number()])).optional(), incomplete: z.boolean().optional(), error: wireError.optional() }),
+  z.object({ t: z.literal('taken'), ref: count, movedTo: text.optional(), topics: z.array(text).optional(), missed: z.array(z.tuple([text, text, z.number()])).optional(), incomplete: z.boolean().optional(), error: wireError.optional() }),
   z.object({ t: z.literal('update'), ref: count, request: updateRequest, identity: text.optional() }),
   z.object({ t: z.literal('updated'), ref: count, result: updateResult.optional(), error: wireError.optional() }),
 ]);
@@ -83,6 +85,8 @@ export class Peers implements SessionPeers {
   private readonly pending = new Map<number, { settle: (reply: Reply | undefined) => void; timer: NodeJS.Timeout }>();
   private readonly subscriptions: BrokerSubscription[] = [];
   private readonly startedAt = Date.now();
+  /** Sessions this node handed over recently, and to whom: a late request for one is sent on there. */
+  private readonly movedTo = new Map<string, { node: string; at: number }>();
   private readonly counters = { handedOver: 0, restored: 0, given: 0, updatesForwarded: 0, unanswered: 0 };
   private timer: NodeJS.Timeout | undefined;
   private nextRef = 0;
@@ -116,21 +120,25 @@ export class Peers implements SessionPeers {
     const owner = record?.owner ?? nodeOfSession(sessionId);
     // This node's own session that it no longer holds has expired.
     if (this.closed || owner === undefined || owner === this.node) return undefined;
-    if (this.mayAnswer(owner)) {
-      const reply = await this.request(owner, { t: 'take', ref: 0, id: sessionId, seq, identity });
-      if (reply?.t === 'taken') {
-        if (reply.error !== undefined) throw fromWire(reply.error);
-        this.records.delete(sessionId);
-        // The owner no longer has it: it expired there.
-        if (reply.topics === undefined) return undefined;
-        this.counters.handedOver++;
-        return {
-          id: sessionId,
-          topics: reply.topics,
-          missed: (reply.missed ?? []).map(([topic, envelope, receivedAt]) => ({ topic, envelope, receivedAt })),
-          lost: reply.incomplete ? 'some events published while this client was away are no longer held by the relay' : undefined,
-        };
+    // A session handed over meanwhile (the client reconnected twice at once) is followed to its new node.
+    for (let hop = 0, at = owner; hop < MAX_HOPS && at !== this.node && this.mayAnswer(at); hop++) {
+      const reply = await this.request(at, { t: 'take', ref: 0, id: sessionId, seq, identity });
+      if (reply?.t !== 'taken') break;
+      if (reply.error !== undefined) throw fromWire(reply.error);
+      if (reply.movedTo !== undefined) {
+        at = reply.movedTo;
+        continue;
       }
+      this.records.delete(sessionId);
+      // The owner no longer has it: it expired there.
+      if (reply.topics === undefined) return undefined;
+      this.counters.handedOver++;
+      return {
+        id: sessionId,
+        topics: reply.topics,
+        missed: (reply.missed ?? []).map(([topic, envelope, receivedAt]) => ({ topic, envelope, receivedAt })),
+        lost: reply.incomplete ? 'some events published while this client was away are no longer held by the relay' : undefined,
+      };
     }
     if (record === undefined) return undefined;
     if (record.identity !== identity) throw new RelayError('forbidden', 'this session was opened by another identity: open a new stream');
@@ -206,6 +214,7 @@ export class Peers implements SessionPeers {
     // A gone node's sessions could be resumed for as long as they would have lived there.
     const now = Date.now();
     const ttl = this.core.options.sessionTtlMs;
+    for (const [id, moved] of this.movedTo) if (now - moved.at >= ttl) this.movedTo.delete(id);
     const expired = new Set<string>();
     for (const [node, seen] of this.nodes) {
       if ((seen.gone || now - seen.lastSeen >= MISSED_BEATS * this.heartbeatMs) && now - seen.lastSeen >= ttl) expired.add(node);
@@ -263,10 +272,14 @@ export class Peers implements SessionPeers {
     let reply: Extract<Body, { t: 'taken' }>;
     try {
       const given = this.core.handOver(message.id, message.seq, message.identity);
-      if (given !== undefined) this.counters.given++;
+      if (given !== undefined) {
+        this.counters.given++;
+        this.movedTo.set(message.id, { node: to, at: Date.now() });
+      }
+      const moved = this.movedTo.get(message.id)?.node;
       reply =
         given === undefined
-          ? { t: 'taken', ref: message.ref }
+          ? { t: 'taken', ref: message.ref, ...(moved === undefined ? {} : { movedTo: moved }) }
           : {
               t: 'taken',
               ref: message.ref,
