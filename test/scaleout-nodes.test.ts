@@ -36,7 +36,7 @@ class Deployment {
     ensureBuilt();
     const config = join(this.dir, 'livepipe.yaml');
     // Quick heartbeats and reconnects, so that a killed node is noticed within a test's time.
-    writeFileSync(config, ['publish: true', 'retryMs: 200', 'sessionTtlMs: 30000', 'scaleOut:', '  heartbeatMs: 200', '  requestTimeoutMs: 1000', ''].join('\n'));
+    writeFileSync(config, ['publish: true', 'retryMs: 200', 'sessionTtlMs: 30000', 'scaleOut:', '  heartbeatMs: 300', '  requestTimeoutMs: 1000', ''].join('\n'));
     const processes = Array.from({ length: count }, () => new LivepipeProcess(['--port', '0', '--broker', broker, '--config', config, '--scale-out']));
     this.nodes = await Promise.all(processes.map(async (p) => ({ process: p, base: (await p.started()).base })));
     this.nginx = await startNginx(this.nodes.map((n) => Number(new URL(n.base).port)));

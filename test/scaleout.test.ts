@@ -159,6 +159,27 @@ describe('scale-out: nodes over one broker', () => {
     onC.close();
   });
 
+  it('lets a session go when another node restored it, thinking this one gone', async () => {
+    // Slow heartbeats: nothing from A revives it in B's eyes during the test.
+    const [a, b] = await nodes(2, { scaleOut: { heartbeatMs: 60_000, requestTimeoutMs: 500 } });
+    const s = await open(a!, '?topics=split');
+    const id = s.config.session_id as string;
+    await drop(a!, s);
+    // B hears a goodbye in A's name (as after a partition that made A look dead).
+    await b!.relay.core.broker.control!.publish('livepipe-control.all', Buffer.from(JSON.stringify({ t: 'bye', from: id.slice(0, 8) })));
+    const onB = await open(b!, `?session_id=${id}`);
+    assert.equal(onB.config.resumed, true);
+    assert.equal(onB.errors()[0]?.code, 'events-lost', 'restored from its record, not handed over');
+    const deadline = Date.now() + 5000;
+    while (a!.relay.stats().sessions > 0 && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 10));
+    assert.equal(a!.relay.stats().sessions, 0, 'A let its copy go');
+    // Updates reaching A now go to B, where the session lives.
+    const res = await post(`${a!.base}/update_subscriptions`, JSON.stringify({ session_id: id, add: ['more'] }));
+    assert.equal(res.status, 200, JSON.stringify(res.body));
+    assert.deepEqual(res.body.subscriptions, ['split', 'more']);
+    onB.close();
+  });
+
   it('hands its sessions to the nodes their clients reconnect to when it shuts down, losing nothing', async () => {
     const [a, b] = await nodes(2);
     const s = await open(a!, '?topics=deploy');

@@ -193,7 +193,8 @@ export class Peers implements SessionPeers {
       if (refused.length > 0) throw new RelayError('forbidden', refused.map((r) => r.message).join('; '), { topic: refused[0]!.topic! });
     }
     this.counters.updatesForwarded++;
-    const reply = this.mayAnswer(owner) ? await this.request(owner, { t: 'update', ref: 0, request, identity: principal?.identity }) : undefined;
+    // Asked even when silent for a while (only a goodbye is final): a slow node is not a dead one, and an update has no other way to succeed.
+    const reply = this.nodes.get(owner)?.gone ? undefined : await this.request(owner, { t: 'update', ref: 0, request, identity: principal?.identity });
     if (reply?.t !== 'updated') {
       throw new RelayError('broker-unavailable', 'the relay node that holds this session does not answer; reconnect the stream (it resumes on another node), then retry');
     }
@@ -243,7 +244,11 @@ export class Peers implements SessionPeers {
         this.nodes.set(from, { lastSeen: Date.now(), gone: true });
         return;
       case 'held':
-        for (const r of message.records) this.records.set(r.id, { owner: from, topics: r.topics, identity: r.identity });
+        for (const r of message.records) {
+          // Another node restored a session this one still holds (it thought this node gone): the newer copy wins.
+          if (this.core.holds(r.id)) this.giveUp(r.id, r.identity);
+          this.records.set(r.id, { owner: from, topics: r.topics, identity: r.identity });
+        }
         return;
       case 'dropped':
         if (this.records.get(message.id)?.owner === from) this.records.delete(message.id);
@@ -265,6 +270,15 @@ export class Peers implements SessionPeers {
       }
       case 'beat':
         return;
+    }
+  }
+
+  private giveUp(sessionId: string, identity: string | undefined): void {
+    try {
+      this.core.handOver(sessionId, undefined, identity);
+      this.log?.('warn', 'a session was restored on another node while this one still held it (it was thought gone); this node let it go');
+    } catch (err) {
+      this.log?.('warn', 'another node claims a session of this one for another identity; ignored', { error: (err as Error).message });
     }
   }
 
