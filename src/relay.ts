@@ -393,7 +393,8 @@ export class RelayCore {
       adopted.missed = held.messages.map((m) => ({ topic: m.topic, envelope: RelayMessage.fromBody(0, m.topic, m.body, this.options.embedJsonPayloads, now).envelope().toString('utf8'), receivedAt: now, position: m.position }));
       adopted.lost = held.complete ? undefined : 'the broker no longer holds every event published since this client\'s last one';
       // Messages that arrive live as well are not sent twice.
-      session.replayedUpTo = Math.max(position, ...held.messages.map((m) => m.position));
+      session.replayedUpTo = new Map([...session.topics.keys()].map((topic) => [topic, position]));
+      for (const m of held.messages) session.replayedUpTo.set(m.topic, Math.max(m.position, session.replayedUpTo.get(m.topic)!));
     } catch (err) {
       adopted.lost += ` (the broker's history could not be read: ${(err as Error).message})`;
     }
@@ -540,7 +541,7 @@ export class RelayCore {
     if (incomplete) {
       connection.sendError(new RelayError('events-lost', 'some events published while this client was away are no longer held by the relay'));
     }
-    connection.replay(session.replayedUpTo === 0 ? missed : missed.filter((m) => !session.hasHad(m)));
+    connection.replay(session.replayedUpTo === undefined ? missed : missed.filter((m) => !session.hasHad(m)));
     session.position = Math.max(position, this.hub.lastSeq);
   }
 

@@ -45,8 +45,12 @@ export class Session {
     this.identity = identity;
   }
 
-  /** Broker position up to which the broker's history was replayed (a session taken over from a node that died); 0 when not. */
-  replayedUpTo = 0;
+  /**
+   * A session taken over from a node that died, on a broker that keeps history: per topic, the
+   * broker position up to which its history was replayed (positions order messages within a
+   * topic). Undefined otherwise.
+   */
+  replayedUpTo: Map<string, number> | undefined;
 
   /** Hands a message to the attached connection; a detached session picks it up from history on resume. */
   deliver(message: RelayMessage): void {
@@ -58,7 +62,8 @@ export class Session {
 
   /** True for a message that the broker's history already replayed to this session. */
   hasHad(message: RelayMessage): boolean {
-    return message.position !== undefined && message.position <= this.replayedUpTo;
+    if (this.replayedUpTo === undefined || message.position === undefined) return false;
+    return message.position <= (this.replayedUpTo.get(message.topic) ?? -1);
   }
 
   /** Runs `update` after every earlier update of this session has finished. */

@@ -20,6 +20,7 @@ const run = promisify(execFile);
 const NATS_URL = process.env.LIVEPIPE_NATS_URL ?? 'nats://127.0.0.1:4222';
 const AMQP_URL = process.env.LIVEPIPE_AMQP_URL ?? 'amqp://guest:guest@127.0.0.1:5672';
 const KAFKA_URL = process.env.LIVEPIPE_KAFKA_URL ?? 'kafka://127.0.0.1:9092';
+const REDIS_URL = process.env.LIVEPIPE_REDIS_URL ?? 'redis://127.0.0.1:6379';
 
 interface Node {
   process: LivepipeProcess;
@@ -203,3 +204,6 @@ suite('RabbitMQ', AMQP_URL, await unreachable('RabbitMQ', amqpServer.hostname, N
 // Kafka has no plain publish/subscribe: node-to-node messages share one topic (src/scaleout/shared-bus.ts).
 const kafkaServer = new URL(KAFKA_URL);
 suite('Kafka', KAFKA_URL, await unreachable('Kafka', kafkaServer.hostname, Number(kafkaServer.port || 9092)), 'scaleout', false);
+// Redis streams keep history: event ids carry the entry id, and a new node reads the streams from there.
+const redisServer = new URL(REDIS_URL);
+suite('Redis streams', `${REDIS_URL}?streams=1`, await unreachable('Redis', redisServer.hostname, Number(redisServer.port || 6379)), `scaleout-${process.pid}`, true);

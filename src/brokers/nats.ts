@@ -131,16 +131,19 @@ export class NatsBroker implements Broker {
           opt_start_seq: position + 1,
         });
         try {
-          let more = true;
-          while (more) {
-            more = false;
-            const batch = await consumer.fetch({ max_messages: Math.min(limit + 1, 256), expires: 1000 });
+          // Read up to the stream's end as it was when asked (later messages arrive live), in
+          // batches no larger than what is pending, so that no fetch waits for more.
+          let pending = (await consumer.info()).num_pending;
+          while (pending > 0 && messages.length <= limit) {
+            const batch = await consumer.fetch({ max_messages: Math.min(pending, limit + 1, 256), expires: 5000 });
+            let got = 0;
             for await (const m of batch) {
-              if (m.seq > last) break;
-              messages.push({ topic, body: m.data, position: m.seq });
-              // Read up to the stream's end as it was when asked; later messages arrive live.
-              more = m.info.pending > 0 && m.seq < last && messages.length <= limit;
+              got++;
+              if (m.seq <= last) messages.push({ topic, body: m.data, position: m.seq });
+              pending = m.seq >= last ? 0 : m.info.pending;
+              if (pending === 0) break;
             }
+            if (got === 0) break;
           }
         } finally {
           await consumer.delete().catch(() => {});

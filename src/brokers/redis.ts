@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { RelayError } from '../errors.ts';
 import { importPeer } from './broker.ts';
-import type { Broker, BrokerOpener, ControlBus, BrokerOptions, BrokerSubscription, SubscriptionListener } from './broker.ts';
+import type { Broker, BrokerOpener, BrokerReplay, ControlBus, BrokerOptions, BrokerSubscription, SubscriptionListener } from './broker.ts';
 import { TopicEntries } from './topic-entries.ts';
 import type { TopicEntry } from './topic-entries.ts';
 import type * as IORedis from 'ioredis';
@@ -28,6 +28,7 @@ const DEFAULT_MAXLEN = 10_000;
 const BODY_FIELD = 'body';
 const BLOCK_MS = 5_000;
 const BATCH = 100;
+const SEQ_PER_MS = 1024;
 
 type Redis = IORedis.Redis;
 
@@ -173,6 +174,37 @@ export class RedisBroker implements Broker {
     }, () => {});
   }
 
+  /** Streams mode only (see Broker.replay): what the streams still hold after `position`. */
+  get replay(): Broker['replay'] {
+    if (this.maxlen === undefined) return undefined;
+    return async (topics, position, limit) => {
+      const after = `(${streamId(position)}`;
+      const messages: BrokerReplay['messages'] = [];
+      let complete = true;
+      for (const topic of topics) {
+        const [entries, info] = await Promise.all([
+          this.pub.xrangeBuffer(topic, after, '+', 'COUNT', limit + 1),
+          this.pub.call('XINFO', 'STREAM', topic).catch(() => undefined) as Promise<unknown[] | undefined>,
+        ]);
+        // MAXLEN trims the oldest entries: when some were trimmed and the oldest one left is after the position, some in between may be gone.
+        const field = (name: string) => info?.[info.indexOf(name) + 1];
+        const trimmed = Number(field('entries-added')) > Number(field('length'));
+        const first = field('recorded-first-entry-id');
+        if (trimmed && typeof first === 'string' && streamPosition(first) > position) complete = false;
+        for (const [id, fields] of entries as Array<[Buffer, Buffer[]]>) {
+          const at = fields.findIndex((f, i) => i % 2 === 0 && f.toString() === BODY_FIELD);
+          if (at >= 0) messages.push({ topic, body: fields[at + 1]!, position: streamPosition(id.toString()) });
+        }
+      }
+      messages.sort((a, b) => a.position - b.position);
+      if (messages.length > limit) {
+        complete = false;
+        messages.splice(0, messages.length - limit);
+      }
+      return { messages, complete };
+    };
+  }
+
   /** Streams mode: reads every subscribed stream from its position, one blocking XREAD at a time. */
   private async readLoop(): Promise<void> {
     let epoch = -1;
@@ -202,7 +234,8 @@ export class RedisBroker implements Broker {
               this.log?.('warn', `skipped Redis stream entry ${entry.position} of ${key.toString()}: it has no ${BODY_FIELD} field`);
               continue;
             }
-            for (const l of entry.listeners) l.message(fields[at + 1]!);
+            const position = streamPosition(entry.position);
+            for (const l of entry.listeners) l.message(fields[at + 1]!, position);
           }
         }
       } catch (err) {
@@ -227,6 +260,20 @@ export class RedisBroker implements Broker {
       for (const l of entry.listeners) l.error(error);
     }
   }
+}
+
+/**
+ * A stream entry id `<ms>-<seq>` as one number that orders entries across streams: ms × 1024 +
+ * seq (a seq past 1023 within one millisecond counts as 1023). Ids of different streams made in
+ * the same millisecond cannot be ordered by Redis itself either.
+ */
+export function streamPosition(id: string): number {
+  const [ms, seq] = id.split('-').map(Number);
+  return ms! * SEQ_PER_MS + Math.min(seq ?? 0, SEQ_PER_MS - 1);
+}
+
+function streamId(position: number): string {
+  return `${Math.floor(position / SEQ_PER_MS)}-${position % SEQ_PER_MS}`;
 }
 
 /** Disconnects `client`; resolves once its socket is closed ('end' comes only if one was open). */

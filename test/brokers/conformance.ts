@@ -51,12 +51,15 @@ export function freshTopic(prefix = 'conf'): string {
 /** Collects what a subscription receives and lets a test wait for a count. */
 export class Collector implements SubscriptionListener {
   readonly bodies: Buffer[] = [];
+  /** The broker positions that came with the bodies (drivers with replay). */
+  readonly positions: Array<number | undefined> = [];
   readonly errors: RelayError[] = [];
   recoveries = 0;
   private readonly waiter = new Waiter();
 
-  message(body: Uint8Array): void {
+  message(body: Uint8Array, position?: number): void {
     this.bodies.push(Buffer.from(body));
+    this.positions.push(position);
     this.waiter.wake();
   }
 
@@ -270,4 +273,30 @@ export function describeConformance(h: ConformanceHarness): void {
       });
     }
   });
+}
+
+/**
+ * Broker.replay, for drivers of brokers that keep history: what the broker holds after a
+ * position a subscriber was given, per topic in order, within a limit (then incomplete).
+ */
+export async function assertReplays(broker: Broker, a: string, b: string): Promise<void> {
+  const c = new Collector();
+  await broker.subscribe(a, c);
+  await broker.publish(a, Buffer.from('a1'));
+  await c.until(() => c.bodies.length === 1);
+  const from = c.positions[0];
+  assert.equal(typeof from, 'number', 'a delivery carries its position');
+  for (const [topic, body] of [[b, 'b1'], [a, 'a2'], [b, 'b2']] as const) await broker.publish(topic, Buffer.from(body));
+  const held = await broker.replay!([a, b], from!, 100);
+  assert.equal(held.complete, true);
+  const of = (topic: string) => held.messages.filter((m) => m.topic === topic);
+  assert.deepEqual(of(a).map((m) => Buffer.from(m.body).toString()), ['a2']);
+  assert.deepEqual(of(b).map((m) => Buffer.from(m.body).toString()), ['b1', 'b2']);
+  assert.ok(held.messages.every((m) => m.position > from!), 'only what came after the position');
+  assert.ok(of(b)[0]!.position < of(b)[1]!.position, 'positions order a topic');
+  const limited = await broker.replay!([a, b], from!, 2);
+  assert.equal(limited.messages.length, 2);
+  assert.equal(limited.complete, false, 'past the limit, the replay says it is not all');
+  await c.until(() => c.bodies.length === 2);
+  assert.equal(c.positions[1], of(a)[0]!.position, 'live and replayed positions agree');
 }

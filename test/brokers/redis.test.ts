@@ -1,7 +1,7 @@
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { Redis } from 'ioredis';
-import { describeConformance, Collector, freshTopic, rejectsWith, sleep } from './conformance.ts';
+import { assertReplays, describeConformance, Collector, freshTopic, rejectsWith, sleep } from './conformance.ts';
 import { restartBroker, skipUnlessCi, unreachable } from './availability.ts';
 import { openBroker } from '../../src/brokers/index.ts';
 import type { Broker } from '../../src/brokers/broker.ts';
@@ -187,6 +187,27 @@ describe('redis driver in streams mode', { skip: skipUnlessCi(unavailable) }, ()
     // The other topics keep working.
     await broker.publish(ok, Buffer.from('fine'));
     await c.until(() => c.bodies.length === 1);
+  });
+
+  it('replays what the streams hold after a position, and says so when MAXLEN trimmed some', async () => {
+    const [a, b] = [freshTopic(), freshTopic()];
+    streamKeys.add(a).add(b);
+    await assertReplays(broker, a, b);
+    const small = await openRedis(`${REDIS_URL}?streams=1&maxlen=10`);
+    try {
+      const topic = freshTopic();
+      streamKeys.add(topic);
+      const c = new Collector();
+      await small.subscribe(topic, c);
+      await small.publish(topic, Buffer.from('first'));
+      await c.until(() => c.bodies.length === 1);
+      for (let i = 0; i < 200; i++) await small.publish(topic, Buffer.from(String(i)));
+      const held = await small.replay!([topic], c.positions[0]!, 1000);
+      assert.equal(held.complete, false);
+      assert.ok(held.messages.length < 200, `${held.messages.length} entries held`);
+    } finally {
+      await small.close();
+    }
   });
 
   it('trims to about maxlen entries when publishing', async () => {
