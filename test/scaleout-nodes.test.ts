@@ -14,6 +14,7 @@ import { EventSource } from 'eventsource';
 import { ensureBuilt, LivepipeProcess } from './support/livepipe.ts';
 import { startNginx, type RunningNginx } from './support/nginx.ts';
 import { post } from './support/relay.ts';
+import { chromiumSkip, launchChromium } from './support/browser.ts';
 import { skipUnlessCi, unreachable } from './brokers/availability.ts';
 
 const run = promisify(execFile);
@@ -95,7 +96,7 @@ async function publish(node: Node, topic: string, body: string): Promise<void> {
 /** The broker-side resources of the nodes that a crash must not leave behind, counted, where the test can see them. */
 type Resources = () => Promise<number>;
 
-function suite(name: string, broker: string, unavailable: string | undefined, topic: string, keepsHistory: boolean, resources?: Resources): void {
+function suite(name: string, broker: string, unavailable: string | undefined, topic: string, keepsHistory: boolean, resources?: Resources, inBrowser = false): void {
   describe(`scale-out behind nginx over ${name}`, { skip: skipUnlessCi(unavailable) }, () => {
     const deployment = new Deployment();
     before(() => deployment.start(broker));
@@ -183,6 +184,58 @@ function suite(name: string, broker: string, unavailable: string | undefined, to
         for (const c of clients) c.source.close();
       }
     });
+
+    if (inBrowser) {
+      it("keeps a browser's EventSource whole when the node serving it is killed", { skip: chromiumSkip }, async () => {
+        const t = `${topic}.browser`;
+        const browser = await launchChromium();
+        try {
+          const page = await browser.newPage();
+          await page.goto(`${deployment.nginx.url}/`);
+          // The page's own EventSource, through the balancer: it reconnects with Last-Event-ID by itself.
+          await page.evaluate((url) => {
+            const w = globalThis as unknown as { got: string[]; errors: string[]; configs: number };
+            w.got = [];
+            w.errors = [];
+            w.configs = 0;
+            new EventSource(url).onmessage = (event) => {
+              const data = JSON.parse(event.data);
+              if (data.error) w.errors.push(data.error.code);
+              else if (data.topic === '/httpsub/config') w.configs++;
+              else w.got.push(data.payload);
+            };
+          }, `/events?topics=${t}`);
+          const state = () =>
+            page.evaluate(() => {
+              const w = globalThis as unknown as { got: string[]; errors: string[]; configs: number };
+              return { got: w.got, errors: w.errors, configs: w.configs };
+            });
+          const until = async (predicate: (w: Awaited<ReturnType<typeof state>>) => boolean, what: string) => {
+            const deadline = Date.now() + 15_000;
+            for (let w = await state(); !predicate(w); w = await state()) {
+              if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}: ${JSON.stringify(w)}`);
+              await new Promise((resolve) => setTimeout(resolve, 50));
+            }
+          };
+          await until((w) => w.configs === 1, 'the config event');
+          const serving = (await deployment.ownerOf()).findIndex((n) => n === 1);
+          const victim = deployment.nodes[serving]!;
+          const publisher = deployment.nodes.find((n) => n !== victim && n.process.running)!;
+          for (let n = 1; n <= 40; n++) {
+            if (n === 11) victim.process.child.kill('SIGKILL');
+            await publish(publisher, t, String(n));
+            await new Promise((resolve) => setTimeout(resolve, 20));
+          }
+          await until((w) => w.got.includes('40'), 'message 40');
+          const w = await state();
+          assert.equal(w.configs, 2, 'it reconnected once, to another node');
+          assert.deepEqual(w.got, Array.from({ length: 40 }, (_, i) => String(i + 1)));
+          assert.deepEqual(w.errors, []);
+        } finally {
+          await browser.close();
+        }
+      });
+    }
   });
 }
 
@@ -193,6 +246,8 @@ suite(
   `${NATS_URL}?jetstream=livepipe_scaleout&subjects=${encodeURIComponent('scaleout.>')}`,
   await unreachable('NATS', natsServer.hostname, Number(natsServer.port || 4222)),
   'scaleout',
+  true,
+  undefined,
   true,
 );
 // Only an operator sees other connections' exclusive queues: rabbitmqctl, as scripts/brokers.sh runs it.
