@@ -41,7 +41,7 @@ export class RelayMessage {
 
   /** What follows `<session id>.` in this message's event id (see eventId). */
   get idSuffix(): string {
-    return this.position === undefined ? String(this.seq) : `${this.seq}.${this.position}`;
+    return this.position === undefined ? String(this.seq) : `${this.seq}.${this.position}.${topicTag(this.topic)}`;
   }
 
   /** The `{"topic":…,"payload":…}` JSON of this message, without copying it. */
@@ -81,8 +81,10 @@ export function idPrefix(sessionId: string): Buffer {
 }
 
 /**
- * An event id as clients see it: `<session id>.<sequence>`, then `.<broker position>` where the
- * broker keeps history (so that another node can resume from the broker after this one died).
+ * An event id as clients see it: `<session id>.<sequence>`. Where the broker keeps history, a
+ * message's id goes on with `.<broker position>.<topic tag>` (so that another node can resume
+ * from the broker after this one died, knowing which topic the position is exact for); a
+ * config event's with `.<broker position>`.
  */
 export function eventId(sessionId: string, seq: number, position?: number): string {
   return position === undefined ? `${sessionId}.${seq}` : `${sessionId}.${seq}.${position}`;
@@ -92,16 +94,26 @@ export interface ParsedEventId {
   sessionId: string;
   seq: number;
   position: number | undefined;
+  /** topicTag() of the topic of the message, when the id is a message's with a position. */
+  topicTag: string | undefined;
 }
 
-/** Splits a Last-Event-ID into session id, sequence and broker position, or undefined when it is not ours. */
+/** Splits a Last-Event-ID into its parts (see eventId), or undefined when it is not ours. */
 export function parseEventId(id: string | null | undefined): ParsedEventId | undefined {
   if (!id) return undefined;
   const parts = id.split('.');
-  if (parts.length < 2 || parts.length > 3 || parts[0] === '') return undefined;
-  const [seq, position] = parts.slice(1).map(Number);
-  if (!isCount(seq) || (parts.length === 3 && !isCount(position))) return undefined;
-  return { sessionId: parts[0]!, seq: seq!, position };
+  if (parts.length < 2 || parts.length > 4 || parts[0] === '') return undefined;
+  const seq = Number(parts[1]);
+  const position = parts.length > 2 ? Number(parts[2]) : undefined;
+  if (!isCount(seq) || (position !== undefined && !isCount(position))) return undefined;
+  return { sessionId: parts[0]!, seq, position, topicTag: parts[3] };
+}
+
+/** A short tag naming a topic in event ids: FNV-1a (32 bits) of its UTF-8 bytes, in base 36. */
+export function topicTag(topic: string): string {
+  let hash = 0x811c9dc5;
+  for (const byte of Buffer.from(topic, 'utf8')) hash = Math.imul(hash ^ byte, 0x01000193);
+  return (hash >>> 0).toString(36);
 }
 
 function isCount(n: number | undefined): boolean {

@@ -2,7 +2,7 @@ import { Authorizer, type Credentials, type Principal } from './auth.ts';
 import { openBroker, type Broker } from './brokers/index.ts';
 import type { ConnectionStats, QueuedConnection } from './connection.ts';
 import { RelayError } from './errors.ts';
-import { RelayMessage, eventId, parseEventId } from './frames.ts';
+import { RelayMessage, eventId, parseEventId, topicTag, type ParsedEventId } from './frames.ts';
 import { Hub } from './hub.ts';
 import { CONTROL_TOPIC_PREFIX, SHARED_CONTROL_TOPIC, isControlTopic } from './scaleout/node-id.ts';
 import { joinPeers } from './scaleout/peers.ts';
@@ -238,7 +238,7 @@ export class RelayCore {
       this.sessions.set(session.id, session);
       failures.push(...(await this.addTopics(session, adopted.topics)));
       // Subscribed first: what the broker still holds reaches back to where the client was, and live delivery carries on from there.
-      if (adopted.lost !== undefined && fromEventId?.position !== undefined) await this.recoverFromBroker(adopted, session, fromEventId.position);
+      if (adopted.lost !== undefined && fromEventId?.position !== undefined) await this.recoverFromBroker(adopted, session, fromEventId);
       this.peers?.held(snapshot(session));
     } else {
       this.checkTopics(urlTopics);
@@ -385,16 +385,18 @@ export class RelayCore {
    * A session whose node died, on a broker that keeps history: what the broker holds after the
    * client's last position becomes the replay, and `events-lost` goes unless some is gone.
    */
-  private async recoverFromBroker(adopted: AdoptedSession, session: Session, position: number): Promise<void> {
+  private async recoverFromBroker(adopted: AdoptedSession, session: Session, from: ParsedEventId): Promise<void> {
     if (this.broker.replay === undefined) return;
     try {
-      const held = await this.broker.replay([...session.topics.keys()], position, this.options.history.maxMessages);
+      const topics = [...session.topics.keys()];
+      const last = from.topicTag === undefined ? undefined : topics.find((t) => topicTag(t) === from.topicTag);
+      const held = await this.broker.replay(topics, from.position!, this.options.history.maxMessages, last);
       const now = Date.now();
       adopted.missed = held.messages.map((m) => ({ topic: m.topic, envelope: RelayMessage.fromBody(0, m.topic, m.body, this.options.embedJsonPayloads, now).envelope().toString('utf8'), receivedAt: now, position: m.position }));
       adopted.lost = held.complete ? undefined : 'the broker no longer holds every event published since this client\'s last one';
-      // Messages that arrive live as well are not sent twice.
-      session.replayedUpTo = new Map([...session.topics.keys()].map((topic) => [topic, position]));
-      for (const m of held.messages) session.replayedUpTo.set(m.topic, Math.max(m.position, session.replayedUpTo.get(m.topic)!));
+      // Messages that arrive live as well are not sent twice (positions order a topic's messages).
+      session.replayedUpTo = new Map();
+      for (const m of held.messages) session.replayedUpTo.set(m.topic, Math.max(m.position, session.replayedUpTo.get(m.topic) ?? 0));
     } catch (err) {
       adopted.lost += ` (the broker's history could not be read: ${(err as Error).message})`;
     }

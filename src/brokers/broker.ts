@@ -49,11 +49,14 @@ export interface Broker {
    */
   readonly control?: ControlBus | undefined;
   /**
-   * For a broker that keeps history (NATS JetStream): the messages it still holds on `topics`
-   * after `position`, oldest first, at most `limit`. `complete` is false when some may be
-   * missing (expired, trimmed, past the limit). A node uses it to resume a session whose node died.
+   * For a broker that keeps history (NATS JetStream, Redis streams): the messages it still
+   * holds on `topics` after `position` (the position of the client's last message, which was on
+   * `lastTopic` when known), oldest first, at most `limit`. Where positions of two topics can
+   * tie (Redis), those tied with `position` on other topics are included: a duplicate rather
+   * than a loss. `complete` is false when some may be missing (expired, trimmed, past the
+   * limit). A node uses it to resume a session whose node died.
    */
-  replay?(topics: string[], position: number, limit: number): Promise<BrokerReplay>;
+  replay?(topics: string[], position: number, limit: number, lastTopic?: string): Promise<BrokerReplay>;
 }
 
 export interface BrokerReplay {

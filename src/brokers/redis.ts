@@ -177,13 +177,16 @@ export class RedisBroker implements Broker {
   /** Streams mode only (see Broker.replay): what the streams still hold after `position`. */
   get replay(): Broker['replay'] {
     if (this.maxlen === undefined) return undefined;
-    return async (topics, position, limit) => {
+    return async (topics, position, limit, lastTopic) => {
+      // Exact on the last message's stream; on the others, from the start of its millisecond:
+      // entry ids of two streams made in one millisecond do not say which came first.
       const after = `(${streamId(position)}`;
+      const sameMillisecond = streamId(position - (position % SEQ_PER_MS));
       const messages: BrokerReplay['messages'] = [];
       let complete = true;
       for (const topic of topics) {
         const [entries, info] = await Promise.all([
-          this.pub.xrangeBuffer(topic, after, '+', 'COUNT', limit + 1),
+          this.pub.xrangeBuffer(topic, topic === lastTopic ? after : sameMillisecond, '+', 'COUNT', limit + 1),
           this.pub.call('XINFO', 'STREAM', topic).catch(() => undefined) as Promise<unknown[] | undefined>,
         ]);
         // MAXLEN trims the oldest entries: when some were trimmed and the oldest one left is after the position, some in between may be gone.

@@ -5,7 +5,7 @@ import { assertReplays, describeConformance, Collector, freshTopic, rejectsWith,
 import { restartBroker, skipUnlessCi, unreachable } from './availability.ts';
 import { openBroker } from '../../src/brokers/index.ts';
 import type { Broker } from '../../src/brokers/broker.ts';
-import { RedisBroker } from '../../src/brokers/redis.ts';
+import { RedisBroker, streamPosition } from '../../src/brokers/redis.ts';
 
 const REDIS_URL = process.env.LIVEPIPE_REDIS_URL ?? 'redis://127.0.0.1:6379';
 const STREAMS_URL = `${REDIS_URL}?streams=1`;
@@ -193,6 +193,15 @@ describe('redis driver in streams mode', { skip: skipUnlessCi(unavailable) }, ()
     const [a, b] = [freshTopic(), freshTopic()];
     streamKeys.add(a).add(b);
     await assertReplays(broker, a, b);
+    // Two streams' entries of one millisecond tie: the other stream's are replayed rather than lost.
+    const [x, y] = [freshTopic(), freshTopic()];
+    streamKeys.add(x).add(y);
+    const ms = Date.now();
+    await client().xadd(x, `${ms}-0`, 'body', 'x1');
+    await client().xadd(y, `${ms}-0`, 'body', 'y1');
+    await client().xadd(x, `${ms}-1`, 'body', 'x2');
+    const tied = await broker.replay!([x, y], streamPosition(`${ms}-0`), 100, x);
+    assert.deepEqual(tied.messages.map((m) => Buffer.from(m.body).toString()).sort(), ['x2', 'y1']);
     const small = await openRedis(`${REDIS_URL}?streams=1&maxlen=10`);
     try {
       const topic = freshTopic();
