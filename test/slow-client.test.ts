@@ -5,7 +5,7 @@
  */
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import type { ServerResponse } from 'node:http';
+import type { Socket } from 'node:net';
 import { startRelay, SseReader, type RunningRelay, type SseEvent } from './support/relay.ts';
 
 const MESSAGE_BYTES = 64 * 1024;
@@ -32,11 +32,14 @@ async function openSse(r: RunningRelay, query: string, headers: Record<string, s
   return s;
 }
 
-/** The relay-side response of the request whose URL contains `marker`, to watch what it holds for the client. */
-function captureResponse(r: RunningRelay, marker: string): () => ServerResponse {
-  let found: ServerResponse | undefined;
-  r.server.on('request', (req, res) => {
-    if (req.url?.includes(marker)) found = res;
+/**
+ * The relay-side socket of the request whose URL contains `marker`, to watch what it holds for
+ * the client (the relay writes a stream's bytes to its socket once the head is out).
+ */
+function captureSocket(r: RunningRelay, marker: string): () => Socket {
+  let found: Socket | undefined;
+  r.server.on('request', (req) => {
+    if (req.url?.includes(marker)) found = req.socket;
   });
   return () => {
     assert.ok(found, `no request with ${marker}`);
@@ -60,7 +63,7 @@ describe('a client that stops reading', () => {
   it('loses its own oldest messages (told with events-lost and a count), while others get everything', { timeout: 120_000 }, async () => {
     const r = await startRelay({ outbox: { maxBytes: OUTBOX_BYTES, maxMessages: 1000 }, history: { maxBytes: OUTBOX_BYTES } });
     try {
-      const slowResponse = captureResponse(r, 'who=slow');
+      const slowSocket = captureSocket(r, 'who=slow');
       const slow = await openSse(r, '?topics=t&who=slow');
       slow.response.pause();
       const fast = await openSse(r, '?topics=t');
@@ -69,7 +72,7 @@ describe('a client that stops reading', () => {
       const total = 320;
       let mostHeld = 0;
       await publishRange(r, 't', 0, total, fast, () => {
-        mostHeld = Math.max(mostHeld, slowResponse().writableLength);
+        mostHeld = Math.max(mostHeld, slowSocket().writableLength);
       });
 
       assert.deepEqual(fast.messages().map(indexOf), [...Array(total).keys()], 'the fast reader got every message, in order');
@@ -77,7 +80,7 @@ describe('a client that stops reading', () => {
       const dropped = r.relay.stats().messagesDropped;
       assert.ok(dropped > 0, 'the slow reader fell behind by more than its outbox');
       // What the relay holds for the slow reader beyond its outbox: at most about one outbox-sized write.
-      assert.ok(mostHeld <= 2 * OUTBOX_BYTES, `the slow reader's response held ${mostHeld} bytes`);
+      assert.ok(mostHeld <= 2 * OUTBOX_BYTES, `the slow reader's socket held ${mostHeld} bytes`);
 
       // The slow reader reads again: the gap is announced with its size, then later messages follow.
       slow.response.resume();
@@ -158,15 +161,15 @@ describe('a client that stops reading', () => {
   it('is cut once its socket has taken nothing for stallTimeoutMs, and can still resume its session', { timeout: 60_000 }, async () => {
     const r = await startRelay({ heartbeatMs: 100, outbox: { maxBytes: OUTBOX_BYTES, maxMessages: 1000, stallTimeoutMs: 300 } });
     try {
-      const slowResponse = captureResponse(r, 'who=stalled');
+      const slowSocket = captureSocket(r, 'who=stalled');
       const slow = await openSse(r, '?topics=t&who=stalled');
       const sid = slow.config.session_id;
       slow.response.pause();
       const fast = await openSse(r, '?topics=t');
       // Until the paused socket's kernel buffers are full and the relay sees it take nothing (at most 40 MB).
       let sent = 0;
-      for (; !slowResponse().writableNeedDrain && sent < 640; sent += ROUND) await publishRange(r, 't', sent, sent + ROUND, fast);
-      assert.ok(slowResponse().writableNeedDrain, 'the stalled socket filled up');
+      for (; !slowSocket().writableNeedDrain && sent < 640; sent += ROUND) await publishRange(r, 't', sent, sent + ROUND, fast);
+      assert.ok(slowSocket().writableNeedDrain, 'the stalled socket filled up');
       // Keep publishing while waiting: the kernel may grow the socket's buffer and take a little
       // more, and a dead client's socket stays full only while something keeps arriving for it.
       const deadline = Date.now() + 10_000;

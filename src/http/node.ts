@@ -1,4 +1,6 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import { createRequire } from 'node:module';
+import type { Socket } from 'node:net';
 import type { Registry } from 'prom-client';
 import { credentialsFrom } from '../auth.ts';
 import { RelayError, toRelayError } from '../errors.ts';
@@ -31,9 +33,20 @@ export function createNodeHandlers(core: RelayCore, metrics: Registry): NodeHand
       await core.openStream(
         { topics: url.searchParams.get('topics'), sessionId: url.searchParams.get('session_id'), lastEventId, clientAddress: clientAddress(req), credentials: credentials(req, url, true) },
         (session) => {
-          res.writeHead(200, { ...SSE_HEADERS, ...cors(req) });
+          const headers = { ...SSE_HEADERS, ...cors(req) };
           req.socket.setNoDelay(true);
           req.socket.setKeepAlive(true);
+          const sink = takeOver(req, res, headers);
+          if (sink !== undefined) {
+            const connection = new SseConnection(sink, session.idPrefix, core.options.outbox, core.deliveries);
+            const { drained, gone } = connection.events;
+            sink.socket.on('drain', drained);
+            // on, not once: a socket closes once, and once() costs a wrapper and its state per connection.
+            sink.socket.on('close', gone);
+            if (sink.socket.destroyed) gone();
+            return connection;
+          }
+          res.writeHead(200, headers);
           const connection = new SseConnection(responseSink(res), session.idPrefix, core.options.outbox, core.deliveries);
           const { drained, gone } = connection.events;
           res.on('drain', drained);
@@ -127,6 +140,7 @@ function isGone(res: ServerResponse): boolean {
 }
 
 /**
+ * The stream through the response: HTTP/2, and HTTP/1 streams that takeOver leaves alone.
  * Writes a batch as one buffer with one socket write. Going through the response costs four
  * socket writes per chunk (size line, CRLF, data, CRLF) and, corked, a writev gathering them:
  * in the fan-out profile that stream machinery, not the syscall, was most of the time. So
@@ -166,7 +180,170 @@ function responseSink(res: ServerResponse): ByteSink {
   };
 }
 
+/**
+ * The node:http internals a stream takes its socket from: what node's own upgrade path (the
+ * one `ws` relies on) uses to hand a socket over, reached from here because an SSE request is
+ * not an upgrade.
+ */
+interface HttpSocket extends Socket {
+  parser?: { finish(): unknown } | null;
+  _httpMessage?: unknown;
+  server?: { closeAllConnections?: () => void };
+}
+/** node:http's own helper (as its upgrade path frees a parser); undefined on a runtime without it, and then nothing is taken over. */
+const freeParser = ((): ((parser: unknown, req: unknown, socket: unknown) => void) | undefined => {
+  try {
+    return (createRequire(import.meta.url)('_http_common') as { freeParser?: (parser: unknown, req: unknown, socket: unknown) => void }).freeParser;
+  } catch {
+    return undefined;
+  }
+})();
+
+/** The listeners node:http puts on each connection's socket (connectionListenerInternal in lib/_http_server.js), by name. */
+const NODE_LISTENERS: [event: string, name: string][] = [
+  ['data', 'bound socketOnData'],
+  ['end', 'bound socketOnEnd'],
+  ['close', 'bound socketOnClose'],
+  ['drain', 'bound socketOnDrain'],
+  ['error', 'socketOnError'],
+  ['timeout', 'socketOnTimeout'],
+  ['resume', 'onSocketResume'],
+  ['pause', 'onSocketPause'],
+];
+
+/**
+ * Sends the stream's head through the response, then takes the socket from node:http as its
+ * upgrade path does for a WebSocket: node's listeners off the socket, the response detached,
+ * the HTTP parser freed. The stream then writes its chunks to the socket itself, and the
+ * request, the response and the parser are garbage instead of living as long as the stream:
+ * about 11 KB of RSS a connection, 7 KB of it the parser's (bench/README.md, W2).
+ *
+ * Only for HTTP/1.x on a socket that node:http serves this response on (not a pipelined
+ * request waiting its turn); undefined otherwise, and then the response serves the stream.
+ * The head says `Connection: close`: the connection ends with the stream.
+ */
+function takeOver(req: IncomingMessage, res: ServerResponse, headers: Record<string, string>): SocketSink | undefined {
+  const socket = res.socket as HttpSocket | null;
+  if (freeParser === undefined || req.httpVersionMajor !== 1 || socket === null || socket._httpMessage !== res || !socket.parser || !socket.writable) return undefined;
+  const own: [string, (...args: unknown[]) => void][] = [];
+  for (const [event, name] of NODE_LISTENERS) {
+    const listener = socket.listeners(event).find((l) => l.name === name);
+    // Another node:http than this code knows: leave it the stream.
+    if (listener === undefined) return undefined;
+    own.push([event, listener as (...args: unknown[]) => void]);
+  }
+  // node:http's own listener: what it does when a response finishes no longer applies.
+  const onFinish = res.listeners('finish').find((l) => l.name === 'bound resOnFinish') as ((...args: unknown[]) => void) | undefined;
+  if (onFinish === undefined) return undefined;
+  res.removeListener('finish', onFinish);
+  // Someone else listens to the response (a request logger, say): it keeps the socket, to hear
+  // the end from node:http itself ('finish' when the stream ends cleanly, 'close' in any case).
+  const watched = res.listenerCount('close') > 0 || res.listenerCount('finish') > 0;
+  res.writeHead(200, { ...headers, connection: 'close' });
+  // The head goes to the socket now: the response holds it.
+  res.flushHeaders();
+  if (!watched) res.detachSocket(socket);
+  for (const [event, listener] of own) socket.removeListener(event, listener);
+  const parser = socket.parser;
+  parser.finish();
+  freeParser(parser, req, socket);
+  // As node:http did: a client that ends its side ends the connection; errors end in 'close'.
+  socket.on('end', endSocket);
+  socket.on('error', ignore);
+  track(socket);
+  // Reads now come to the socket rather than the parser: read (and drop) them, so that a FIN is seen.
+  socket.resume();
+  return new SocketSink(socket, res.chunkedEncoding, watched ? res : undefined);
+}
+
+function endSocket(this: Socket): void {
+  this.end();
+}
+
+function ignore(): void {}
+
+/**
+ * Taken-over sockets by server. node:http's closeAllConnections() knows a connection by its
+ * parser, which these no longer have: each server's closeAllConnections is wrapped to destroy
+ * them too (tests and shutdown deadlines rely on it). closeIdleConnections() left a streaming
+ * response alone, and does so still.
+ */
+const takenOver = new WeakMap<object, Set<Socket>>();
+
+function track(socket: HttpSocket): void {
+  const server = socket.server;
+  if (server === undefined) return;
+  let sockets = takenOver.get(server);
+  if (sockets === undefined) {
+    const set = (sockets = new Set());
+    takenOver.set(server, set);
+    const closeAll = server.closeAllConnections;
+    if (typeof closeAll === 'function') {
+      server.closeAllConnections = function closeAllConnections(this: unknown) {
+        closeAll.call(this);
+        for (const socket of set) socket.destroy();
+      };
+    }
+  }
+  sockets.add(socket);
+  socket.on('close', untrack);
+}
+
+function untrack(this: HttpSocket): void {
+  if (this.server !== undefined) takenOver.get(this.server)?.delete(this);
+}
+
+/**
+ * A stream on a socket taken from node:http (see takeOver): each batch is framed as one
+ * HTTP/1.1 chunk (RFC 9112 7.1), or sent as is to an HTTP/1.0 client (the connection's end
+ * ends the body), in one socket write. Saturation and 'drain' are the socket's.
+ */
+class SocketSink implements ByteSink {
+  readonly socket: Socket;
+  private readonly chunked: boolean;
+  /** The response, still on the socket, when someone else listens to it: it ends the stream. */
+  private readonly response: ServerResponse | undefined;
+
+  constructor(socket: Socket, chunked: boolean, response: ServerResponse | undefined) {
+    this.socket = socket;
+    this.chunked = chunked;
+    this.response = response;
+  }
+
+  write(chunks: Buffer[]): boolean {
+    const socket = this.socket;
+    // Gone or ending: 'close' follows.
+    if (socket.destroyed || socket.writableEnded) return false;
+    const size = byteLength(chunks);
+    // Copying is cheap only for small batches: a large body goes out uncopied, in one writev.
+    if (size <= COPY_LIMIT) return socket.write(this.chunked ? chunkOf(chunks, size) : chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks, size));
+    socket.cork();
+    if (this.chunked) socket.write(`${size.toString(16)}\r\n`, 'latin1');
+    let ok = true;
+    for (const chunk of chunks) ok = socket.write(chunk);
+    if (this.chunked) ok = socket.write(CRLF);
+    socket.uncork();
+    return ok;
+  }
+
+  end(): void {
+    const socket = this.socket;
+    if (socket.destroyed || socket.writableEnded) return;
+    // The last chunk, then the connection (the head said Connection: close), once it is all sent.
+    const close = () => socket.destroy();
+    // Its end() sends the last chunk (it kept count of nothing else: the chunks went around it).
+    if (this.response !== undefined) this.response.end(close);
+    else if (this.chunked) socket.end(LAST_CHUNK, close);
+    else socket.end(close);
+  }
+
+  destroy(): void {
+    this.socket.destroy();
+  }
+}
+
 const CRLF = Buffer.from('\r\n');
+const LAST_CHUNK = Buffer.from('0\r\n\r\n');
 /** Largest batch framed by copying; above it the per-subscriber copy would cost more than the writes it saves. */
 const COPY_LIMIT = 16 * 1024;
 
