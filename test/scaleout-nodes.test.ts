@@ -32,10 +32,11 @@ interface Node {
 class Deployment {
   nodes: Node[] = [];
   nginx!: RunningNginx;
-  private readonly dir = mkdtempSync(join(tmpdir(), 'livepipe-scaleout-'));
+  private dir: string | undefined;
 
   async start(broker: string, count = 3): Promise<void> {
     ensureBuilt();
+    this.dir = mkdtempSync(join(tmpdir(), 'livepipe-scaleout-'));
     const config = join(this.dir, 'livepipe.yaml');
     // Quick heartbeats and reconnects, so that a killed node is noticed within a test's time.
     writeFileSync(config, ['publish: true', 'retryMs: 200', 'sessionTtlMs: 30000', 'scaleOut:', '  heartbeatMs: 300', '  requestTimeoutMs: 1000', ''].join('\n'));
@@ -49,7 +50,7 @@ class Deployment {
   async stop(): Promise<void> {
     await this.nginx?.stop();
     await Promise.all(this.nodes.map((n) => n.process.kill()));
-    rmSync(this.dir, { recursive: true, force: true });
+    if (this.dir !== undefined) rmSync(this.dir, { recursive: true, force: true });
   }
 
   /** The node that serves a session (its stats count the stream). */
