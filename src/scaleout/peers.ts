@@ -52,7 +52,7 @@ const BODY = z.discriminatedUnion('t', [
   z.object({ t: z.literal('beat') }),
   z.object({ t: z.literal('bye') }),
   z.object({ t: z.literal('held'), records: z.array(wireRecord) }),
-  z.object({ t: z.literal('dropped'), id: text }),
+  z.object({ t: z.literal('dropped'), ids: z.array(text) }),
   z.object({ t: z.literal('take'), ref: count, id: text, seq: count.optional(), identity: text.optional() }),
   z.object({ t: z.literal('taken'), ref: count, movedTo: text.optional(), topics: z.array(text).optional(), missed: z.array(z.tuple([text, text, z.number()])).optional(), incomplete: z.boolean().optional(), error: wireError.optional() }),
   z.object({ t: z.literal('update'), ref: count, request: updateRequest, identity: text.optional() }),
@@ -87,6 +87,7 @@ export class Peers implements SessionPeers {
   private readonly startedAt = Date.now();
   /** Sessions this node handed over recently, and to whom: a late request for one is sent on there. */
   private readonly movedTo = new Map<string, { node: string; at: number }>();
+  private outgoing = { held: new Map<string, WireRecord>(), dropped: new Set<string>(), scheduled: false };
   private readonly counters = { handedOver: 0, restored: 0, given: 0, updatesForwarded: 0, unanswered: 0 };
   private timer: NodeJS.Timeout | undefined;
   private nextRef = 0;
@@ -156,11 +157,28 @@ export class Peers implements SessionPeers {
   }
 
   held(session: SessionSnapshot): void {
-    this.broadcast({ t: 'held', records: [toWireRecord(session)] });
+    this.outgoing.held.set(session.id, toWireRecord(session));
+    this.outgoing.dropped.delete(session.id);
+    this.sendSoon();
   }
 
   dropped(sessionId: string): void {
-    this.broadcast({ t: 'dropped', id: sessionId });
+    this.outgoing.held.delete(sessionId);
+    this.outgoing.dropped.add(sessionId);
+    this.sendSoon();
+  }
+
+  /** Record changes go out once per event-loop turn, together: a burst of opens is a few messages, not one each. */
+  private sendSoon(): void {
+    if (this.outgoing.scheduled) return;
+    this.outgoing.scheduled = true;
+    setImmediate(() => {
+      const { held, dropped } = this.outgoing;
+      this.outgoing = { held: new Map(), dropped: new Set(), scheduled: false };
+      const records = [...held.values()];
+      for (let i = 0; i < records.length; i += RECORDS_PER_MESSAGE) this.broadcast({ t: 'held', records: records.slice(i, i + RECORDS_PER_MESSAGE) });
+      if (dropped.size > 0) this.broadcast({ t: 'dropped', ids: [...dropped] });
+    });
   }
 
   stats(): PeerStats {
@@ -228,13 +246,15 @@ export class Peers implements SessionPeers {
   private receive(bytes: Uint8Array): void {
     let message: Envelope;
     try {
-      message = ENVELOPE.parse(JSON.parse(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString('utf8')));
+      const parsed: unknown = JSON.parse(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString('utf8'));
+      // This node's own broadcasts come back to it: dropped before the (costlier) check.
+      if ((parsed as { from?: unknown } | null)?.from === this.node) return;
+      message = ENVELOPE.parse(parsed);
     } catch {
       this.log?.('warn', 'ignored a malformed node-to-node message');
       return;
     }
     const from = message.from;
-    if (from === this.node) return;
     if (message.t !== 'bye') this.nodes.set(from, { lastSeen: Date.now(), gone: false });
     switch (message.t) {
       case 'hello':
@@ -251,7 +271,7 @@ export class Peers implements SessionPeers {
         }
         return;
       case 'dropped':
-        if (this.records.get(message.id)?.owner === from) this.records.delete(message.id);
+        for (const id of message.ids) if (this.records.get(id)?.owner === from) this.records.delete(id);
         return;
       case 'take':
         this.answerTake(from, message);
