@@ -102,6 +102,22 @@ for (const n of [1000, 10000]) {
     if (why) return [s, why, '', '', '', '', '', ''];
     return [s, n0(r!.connected), n0(r!.still_open), String(r!.connect_s), f1(r!.server_rss_before_kb / 1024), f1(r!.server_rss_after_kb / 1024), f1(r!.server_rss_per_conn_bytes / 1000), ratio(r!.server_rss_per_conn_bytes, base?.server_rss_per_conn_bytes)];
   }));
+  const big = rows.find((r) => r.workload.startsWith('w2-') && r.workload !== 'w2-10000')?.workload;
+  if (big !== undefined) {
+    const n = Number(big.slice(3));
+    p(`### W2 at ${n.toLocaleString('en-US')} idle connections, over several processes`);
+    p();
+    p(`One process may hold at most ${machine.nofile_hard.toLocaleString('en-US')} open files here (the hard limit cannot be raised), so this step runs the servers that can spread over processes with several: livepipe \`--workers N\` (node:cluster: a primary that only supervises, N workers), nginx \`worker_processes N\` with \`reuseport\`; and as many loadgens, each from its own source address. RSS summed over every server process (primary or master included), before and once all streams are open; *established*: the server port's established TCP connections then (\`ss\`).`);
+    p();
+    const nbase = get('nchan', big);
+    table(['server', 'processes', 'connected', 'failed', 'still open', 'established', 'connect s', 'RSS before MiB', 'RSS after MiB', 'KB per connection', '× nchan'], servers.map((s) => {
+      const r = get(s, big);
+      if (r?.skipped) return [s, `not run: ${r.skipped}`, '', '', '', '', '', '', '', '', ''];
+      const why = failed(r);
+      if (why) return [s, why, '', '', '', '', '', '', '', '', ''];
+      return [s, String(r!.processes), n0(r!.connected), n0(r!.failed_streams), n0(r!.still_open), n0(r!.established_at_measure), String(r!.connect_s), f1(r!.server_rss_before_kb / 1024), f1(r!.server_rss_after_kb / 1024), f1(r!.server_rss_per_conn_bytes / 1000), ratio(r!.server_rss_per_conn_bytes, nbase?.server_rss_per_conn_bytes)];
+    }));
+  }
 }
 
 {

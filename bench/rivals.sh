@@ -5,19 +5,21 @@
 # For each workload and each server: start the server pinned to one core (configured here,
 # on 127.0.0.1), run the Go loadgen pinned to the other, stop the server. Then writes
 # bench/RESULTS.md (tables, ratios to nchan) from this run's .bench-out/rivals/results.jsonl.
-# Every process it starts is stopped when it ends, however it ends. About 10 minutes.
+# Every process it starts is stopped when it ends, however it ends. About 14 minutes.
 #
 # Needs: go, taskset, curl, nginx + libnginx-mod-nchan, pushpin (Debian packages), better-sse
 # (npm, devDependency). Settings (environment):
 #   RIVALS_SERVERS="nchan pushpin better-sse raw-node livepipe"   which servers
 #   RIVALS_WORKLOADS="w1 w2 w3 w4"                                 which workloads
 #   RIVALS_OUT=bench/RESULTS.md                                    where the tables go
+#   RIVALS_DIR=.bench-out/rivals                                   raw data (emptied first)
+#   RIVALS_IDLE_BIG=50000                                          W2's second step (0: skip it)
 #   BENCH_SERVER_CPU=0 BENCH_LOADGEN_CPU=1                         cores to pin to
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-OUT=$ROOT/.bench-out/rivals
+OUT=${RIVALS_DIR:-$ROOT/.bench-out/rivals}
 NODE=$ROOT/node_modules/.bin/node
 export PATH="$ROOT/node_modules/.bin:$PATH"
 SERVERS=${RIVALS_SERVERS:-nchan pushpin better-sse raw-node livepipe}
@@ -25,7 +27,13 @@ WORKLOADS=${RIVALS_WORKLOADS:-w1 w2 w3 w4}
 RESULTS_MD=${RIVALS_OUT:-$ROOT/bench/RESULTS.md}
 SERVER_CPU=${BENCH_SERVER_CPU:-0}
 LOADGEN_CPU=${BENCH_LOADGEN_CPU:-1}
-DEADLINE=$((SECONDS + 870)) # the whole run stays under 15 minutes
+IDLE_BIG=${RIVALS_IDLE_BIG:-50000}
+# W2's big step opens more sockets than one process may hold here (the open-file hard limit
+# is 20,000 and cannot be raised), so the servers that can run several processes (livepipe
+# --workers, nginx worker_processes) run this many, and so does the loadgen, each loadgen
+# process from its own source address (one address has ~28,000 ephemeral ports).
+IDLE_PROCS=3
+DEADLINE=$((SECONDS + 870 + (IDLE_BIG > 0 ? 120 : 0))) # the whole run stays under 15 (W2 big step: 17) minutes
 
 SERVER_PIDS=() # every process of the server under test (pushpin is several)
 LAUNCH_PID=
@@ -85,14 +93,17 @@ versions >"$OUT/results.jsonl"
 
 # ---- servers: start_<name> sets PORT, SERVER_PIDS and (pushpin) PUB_URL ----
 
+PROCS=1 # start_*: how many server processes (W2's big step: IDLE_PROCS)
 start_nchan() {
-  local dir=$OUT/nginx
+  local dir=$OUT/nginx reuseport=
   mkdir -p "$dir/tmp"
   PORT=$(free_port)
+  # Several workers: the kernel spreads the connections over them (one accept queue each).
+  ((PROCS > 1)) && reuseport=' reuseport'
   cat >"$dir/nginx.conf" <<EOF
 load_module /usr/lib/nginx/modules/ngx_nchan_module.so;
 daemon off;
-worker_processes 1;
+worker_processes $PROCS;
 worker_rlimit_nofile $(ulimit -Hn);
 pid $dir/nginx.pid;
 error_log $dir/error.log warn;
@@ -105,7 +116,7 @@ http {
   uwsgi_temp_path $dir/tmp/uwsgi;
   scgi_temp_path $dir/tmp/scgi;
   server {
-    listen 127.0.0.1:$PORT backlog=4096;
+    listen 127.0.0.1:$PORT backlog=4096$reuseport;
     location = /sub  { nchan_subscriber eventsource; nchan_channel_id \$arg_c; }
     location = /sub2 { nchan_subscriber eventsource; nchan_channel_id \$arg_c \$arg_d; }
     location = /pub  { nchan_publisher http; nchan_channel_id \$arg_c; }
@@ -116,8 +127,17 @@ EOF
   taskset -c "$SERVER_CPU" nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" >"$dir/stdout.log" 2>&1 &
   LAUNCH_PID=$!
   wait_http "http://127.0.0.1:$PORT/healthz" nginx || return 1
-  # The master only supervises; the one worker carries the connections (both are counted).
+  # The master only supervises; the workers carry the connections (all are counted).
+  wait_procs $((PROCS + 1)) || return 1
   mapfile -t SERVER_PIDS < <(descendants "$LAUNCH_PID")
+}
+wait_procs() { # count: until the launched server has this many processes
+  for _ in $(seq 100); do
+    (($(descendants "$LAUNCH_PID" | wc -l) >= $1)) && return 0
+    sleep 0.1
+  done
+  printf 'rivals: the server did not start %s processes\n' "$1" >&2
+  return 1
 }
 
 start_pushpin() {
@@ -167,10 +187,17 @@ start_better-sse() { start_node_peer bench/peers/better-sse.ts; }
 start_raw-node() { start_node_peer bench/peers/raw-node.ts; }
 start_livepipe() {
   PORT=$(free_port)
-  taskset -c "$SERVER_CPU" "$NODE" bin/livepipe.js --port "$PORT" --log-level warn >"$OUT/livepipe.log" 2>&1 &
+  local workers=()
+  ((PROCS > 1)) && workers=(--workers "$PROCS")
+  taskset -c "$SERVER_CPU" "$NODE" bin/livepipe.js --port "$PORT" --log-level warn "${workers[@]}" >"$OUT/livepipe.log" 2>&1 &
   LAUNCH_PID=$!
   wait_http "http://127.0.0.1:$PORT/healthz" livepipe || return 1
-  SERVER_PIDS=("$LAUNCH_PID")
+  # --workers: the primary (which only supervises) and its workers; a moment for the last to listen.
+  if ((PROCS > 1)); then
+    wait_procs $((PROCS + 1)) || return 1
+    sleep 2
+  fi
+  mapfile -t SERVER_PIDS < <(descendants "$LAUNCH_PID")
 }
 
 stop_server() {
@@ -221,6 +248,59 @@ loadgen() { # server, workload label, loadgen flags...
   sed "s/^{/{\"server\":\"$server\",\"workload\":\"$label\",/" "$OUT/$server-$label.json" >>"$OUT/results.jsonl"
 }
 
+rss_sum() { # VmRSS of every server process, in kB
+  local p total=0 kb
+  for p in "${SERVER_PIDS[@]}"; do
+    kb=$(awk '/^VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || true)
+    total=$((total + ${kb:-0}))
+  done
+  echo "$total"
+}
+
+# W2's big step: IDLE_PROCS loadgens at once, each opening its share of the streams from its
+# own source address (127.0.0.2, .3, …); RSS summed over every server process before they
+# start and once every stream is open (and 3 s more), established connections counted by ss.
+idle_split() { # server, workload label, total streams
+  local server=$1 label=$2 total=$3 k n pids before after established all_open=1
+  ((SECONDS + 150 < DEADLINE)) || { printf 'rivals: out of time before %s %s\n' "$server" "$label" >&2; return 0; }
+  pids=$(IFS=,; echo "${SERVER_PIDS[*]}")
+  before=$(rss_sum)
+  local lg=()
+  for ((k = 0; k < IDLE_PROCS; k++)); do
+    n=$((total / IDLE_PROCS + (k == IDLE_PROCS - 1 ? total % IDLE_PROCS : 0)))
+    # 100 connecting at a time per loadgen: 300 in all stay within node's default listen backlog (511).
+    taskset -c "$LOADGEN_CPU" "$OUT/loadgen" -peer "$server" -url "http://127.0.0.1:$PORT" -mode idle -n "$n" -connect-concurrency 100 \
+      -sources 1 -source-first $((SOURCE_FIRST + k)) -connect-timeout 100s -settle 3s -hold 15s -pid "$pids" \
+      >"$OUT/$server-$label-$k.json" 2>"$OUT/$server-$label-$k.err" &
+    lg+=($!)
+  done
+  LOADGEN_PID="${lg[*]}"
+  # Until each loadgen has every stream open (or has given up on some): its log says so.
+  for _ in $(seq 1100); do
+    all_open=1
+    for ((k = 0; k < IDLE_PROCS; k++)); do grep -q 'got their config event' "$OUT/$server-$label-$k.err" 2>/dev/null || all_open=0; done
+    ((all_open)) && break
+    sleep 0.1
+  done
+  sleep 3
+  after=$(rss_sum)
+  established=$(ss -Htn state established "( sport = :$PORT )" | wc -l)
+  for k in "${lg[@]}"; do wait "$k" || true; done
+  LOADGEN_PID=
+  "$NODE" -e '
+    const [server, workload, procs, before, after, established, ...files] = process.argv.slice(1);
+    const runs = files.map((f) => { try { return JSON.parse(require("fs").readFileSync(f, "utf8")); } catch { return undefined; } });
+    const sum = (k) => runs.reduce((s, r) => s + (r?.[k] ?? 0), 0);
+    const connected = sum("connected");
+    const row = { server, workload, mode: "idle", n: sum("n"), processes: +procs, loadgens: files.length, loadgens_reporting: runs.filter(Boolean).length,
+      connected, failed_streams: sum("failed"), still_open: sum("still_open"), established_at_measure: +established,
+      connect_s: Math.max(...runs.map((r) => r?.connect_s ?? 0)), server_rss_before_kb: +before, server_rss_after_kb: +after,
+      server_rss_per_conn_bytes: connected > 0 ? Math.round(((after - before) * 1024) / connected) : 0,
+      first_failure: runs.map((r) => r?.first_failure).find(Boolean) };
+    console.log(JSON.stringify(row));
+  ' "$server" "$label" "${#SERVER_PIDS[@]}" "$before" "$after" "$established" $(for ((k = 0; k < IDLE_PROCS; k++)); do echo "$OUT/$server-$label-$k.json"; done) | tee -a "$OUT/results.jsonl" >&2
+}
+
 # Deliveries/s of the W1 steps, whatever the number of subscribers: 12.5k, 25k … 800k.
 steps_for() { "$NODE" -e "console.log(Array.from({length: 7}, (_, k) => +(12500 * 2 ** k / $1).toPrecision(3)).join(','))"; }
 # Phases other processes disturbed (> 0.3 core) are run once more, within 20 s per run.
@@ -244,6 +324,20 @@ run_workload() { # server, workload
     loadgen "$server" w2-10000 -mode idle -n 10000 -settle 3s
     stop_server
     ;;
+  w2-big) # after every other workload: see the end of this script
+    case $server in
+    livepipe | nchan)
+      log "$server W2 $IDLE_BIG idle over $IDLE_PROCS server processes"
+      PROCS=$IDLE_PROCS
+      start "$server" "w2-$IDLE_BIG" && idle_split "$server" "w2-$IDLE_BIG" "$IDLE_BIG"
+      PROCS=1
+      stop_server
+      # The next server's loadgens come from addresses of their own, should any port of these linger.
+      SOURCE_FIRST=$((SOURCE_FIRST + IDLE_PROCS))
+      ;;
+    *) printf '{"server":"%s","workload":"w2-%s","skipped":"one process only, and one process may hold at most %s sockets here"}\n' "$server" "$IDLE_BIG" "$(ulimit -Hn)" >>"$OUT/results.jsonl" ;;
+    esac
+    ;;
   w3)
     log "$server W3 10,000 own topics + 1 shared"
     start "$server" w3-10000 || return 0
@@ -261,7 +355,12 @@ run_workload() { # server, workload
   esac
 }
 
-for w in $WORKLOADS; do
+# W2's big step comes last: its loadgens bind source addresses explicitly, and a port bound so
+# and then in TIME_WAIT is refused for a minute to any connect() that lets the kernel choose
+# (the other workloads' loadgens, curl). The loadgen resets those streams rather than closing
+# them, which leaves none in TIME_WAIT; running the step last keeps that from mattering anyway.
+SOURCE_FIRST=2
+for w in $WORKLOADS $([[ " $WORKLOADS " == *" w2 "* ]] && ((IDLE_BIG > 0)) && echo w2-big); do
   for server in $SERVERS; do
     run_workload "$server" "$w"
   done

@@ -34,6 +34,8 @@ type phase struct {
 	uniqueAtDrain int64
 	lastRecvDrain int64
 	serverCPU     float64
+	serverCPUEach []float64 // per -pid, when there are several
+	brokerCPU     float64
 	loadgenCPU    float64
 	otherCPU      float64
 	coresBusy     []float64
@@ -138,6 +140,14 @@ func newPublisher(c *config, ps *phaseSet) *publisher {
 }
 
 func (p *publisher) work() {
+	send := p.post
+	if p.cfg.natsPub != "" {
+		nc, err := dialNATS(p.cfg.natsPub)
+		if err != nil {
+			fatalf("-nats-pub: %v", err)
+		}
+		send = nc.publish
+	}
 	var body []byte
 	for job := range p.jobs {
 		topic := p.cfg.topic
@@ -155,20 +165,9 @@ func (p *publisher) work() {
 		if ph != nil {
 			ph.sendLag.record(sent - job.t)
 		}
-		req, err := p.cfg.publishRequest(topic, body)
-		var resp *http.Response
-		if err == nil {
-			resp, err = p.client.Do(req)
-		}
+		err := send(topic, body)
 		if ph != nil {
 			ph.pubRTT.record(time.Now().UnixNano() - sent)
-		}
-		if err == nil {
-			_, _ = io.Copy(io.Discard, resp.Body)
-			resp.Body.Close()
-			if resp.StatusCode/100 != 2 { // livepipe 204, nchan 201/202, pushpin 200
-				err = fmt.Errorf("publish answered %s", resp.Status)
-			}
 		}
 		if err != nil {
 			p.errors.Add(1)
@@ -176,6 +175,24 @@ func (p *publisher) work() {
 		}
 		p.pending.Add(-1)
 	}
+}
+
+// post publishes through the server under test, in the request form it takes (peers.go).
+func (p *publisher) post(topic string, body []byte) error {
+	req, err := p.cfg.publishRequest(topic, body)
+	if err != nil {
+		return err
+	}
+	resp, err := p.client.Do(req)
+	if err != nil {
+		return err
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode/100 != 2 { // livepipe 204, nchan 201/202, pushpin 200
+		return fmt.Errorf("publish answered %s", resp.Status)
+	}
+	return nil
 }
 
 func (p *publisher) send(seq, t int64) {
@@ -210,6 +227,8 @@ type phaseResult struct {
 	EventsLost     int64     `json:"events_lost_reported"`
 	PublishErrors  int64     `json:"publish_errors"`
 	ServerCPU      float64   `json:"server_cpu"`
+	ServerCPUEach  []float64 `json:"server_cpu_each,omitempty"`
+	BrokerCPU      float64   `json:"broker_cpu,omitempty"`
 	LoadgenCPU     float64   `json:"loadgen_cpu"`
 	OtherCPU       float64   `json:"other_cpu"`
 	CoresBusy      []float64 `json:"cores_busy"`
@@ -243,6 +262,8 @@ type fanoutResult struct {
 	LoadgenRSSKB         int64   `json:"loadgen_rss_kb"`
 	FirstFailure         string  `json:"first_failure,omitempty"`
 	FirstPublishError    string  `json:"first_publish_error,omitempty"`
+	// Every message published on the topic, warm-up and repeated phases included, less failed POSTs.
+	PublishedTotal int64 `json:"published_total"`
 	// -own-topics: messages to the streams' own topics, over all timed phases.
 	OwnPublished         int64   `json:"own_published,omitempty"`
 	OwnErrors            int64   `json:"own_publish_errors,omitempty"`
@@ -376,7 +397,7 @@ func runFanout(c *config) fanoutResult {
 			P50:        ms(p.lat.quantile(0.50)), P90: ms(p.lat.quantile(0.90)), P99: ms(p.lat.quantile(0.99)), Max: ms(p.lat.max.Load()),
 			SendLagP99: ms(p.sendLag.quantile(0.99)), PublishRTTP99: ms(p.pubRTT.quantile(0.99)),
 			EventsLost: p.eventsLost.Load(), PublishErrors: p.pubErrors,
-			ServerCPU: p.serverCPU, LoadgenCPU: p.loadgenCPU, OtherCPU: p.otherCPU, CoresBusy: p.coresBusy, Delivered: p.delivered, KeptUp: p.keptUp, WhyNot: p.whyNot, Repeats: p.repeats,
+			ServerCPU: p.serverCPU, ServerCPUEach: p.serverCPUEach, BrokerCPU: p.brokerCPU, LoadgenCPU: p.loadgenCPU, OtherCPU: p.otherCPU, CoresBusy: p.coresBusy, Delivered: p.delivered, KeptUp: p.keptUp, WhyNot: p.whyNot, Repeats: p.repeats,
 		}
 		if dur > 0 {
 			r.DeliveriesPerS = round(float64(p.uniqueAtDrain)/dur, 0)
@@ -396,6 +417,7 @@ func runFanout(c *config) fanoutResult {
 			}
 		}
 	}
+	res.PublishedTotal = seq - 1 - pub.errors.Load()
 	res.Failed = s.stats.failed.Load()
 	// Streams close at the end on purpose; a drop is one that ended before that.
 	res.StreamsDropped = s.stats.dropped.Load()
@@ -416,15 +438,23 @@ func runFanout(c *config) fanoutResult {
 func waitQuiet(c *config, deadline time.Time) {
 	quiet := 0
 	for quiet < 2 && time.Now().Before(deadline) {
-		srv0, self0, all0 := pidsCPU(c.pids), selfCPU(), machineCPU()
+		srv0, self0, all0 := pidsCPU(c.pids)+pidsCPU(c.brokerPids), selfCPU(), machineCPU()
 		time.Sleep(time.Second)
-		other := float64(machineCPU()-all0-(pidsCPU(c.pids)-srv0)-(selfCPU()-self0)) / float64(time.Second)
+		other := float64(machineCPU()-all0-(pidsCPU(c.pids)+pidsCPU(c.brokerPids)-srv0)-(selfCPU()-self0)) / float64(time.Second)
 		if other < c.otherLimit {
 			quiet++
 		} else {
 			quiet = 0
 		}
 	}
+}
+
+func eachCPU(pids []int) []time.Duration {
+	out := make([]time.Duration, len(pids))
+	for i, p := range pids {
+		out[i] = procCPU(p)
+	}
+	return out
 }
 
 func ms(ns int64) float64 { return round(float64(ns)/1e6, 2) }
@@ -436,6 +466,7 @@ func runPhase(c *config, s *swarm, pub *publisher, p *phase, seq int64) int64 {
 	p.first.Store(seq)
 	errBefore := pub.errors.Load()
 	srv0, self0, all0 := pidsCPU(c.pids), selfCPU(), machineCPU()
+	each0, broker0 := eachCPU(c.pids), pidsCPU(c.brokerPids)
 	coreBusy0, coreTotal0 := coreTicks()
 	writes0 := pidsWrites(c.pids)
 	start := time.Now()
@@ -493,12 +524,18 @@ func runPhase(c *config, s *swarm, pub *publisher, p *phase, seq int64) int64 {
 	elapsed := time.Since(start)
 	p.serverCPU = round(float64(pidsCPU(c.pids)-srv0)/float64(elapsed), 2)
 	p.loadgenCPU = round(float64(selfCPU()-self0)/float64(elapsed), 2)
+	p.brokerCPU = round(float64(pidsCPU(c.brokerPids)-broker0)/float64(elapsed), 2)
+	if len(c.pids) > 1 {
+		for i, t := range eachCPU(c.pids) {
+			p.serverCPUEach = append(p.serverCPUEach, round(float64(t-each0[i])/float64(elapsed), 2))
+		}
+	}
 	p.coresBusy = coresBusy(coreBusy0, coreTotal0)
 	if writes0 >= 0 {
 		p.serverWrites = pidsWrites(c.pids) - writes0
 	}
 	if len(c.pids) > 0 {
-		p.otherCPU = round(max(0, float64(machineCPU()-all0)/float64(elapsed)-p.serverCPU-p.loadgenCPU), 2)
+		p.otherCPU = round(max(0, float64(machineCPU()-all0)/float64(elapsed)-p.serverCPU-p.brokerCPU-p.loadgenCPU), 2)
 	}
 
 	pubRate := p.publishRate()

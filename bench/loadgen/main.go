@@ -28,16 +28,21 @@ import (
 
 type config struct {
 	mode        string
-	base        *url.URL
+	base        *url.URL   // the first of bases
+	bases       []*url.URL // -url lists several nodes: stream i goes to bases[i % len], publishes round-robin
+	pubNext     atomic.Uint64
 	topic       string
 	n           int
 	sources     int
+	sourceFirst int // the first source address is 127.0.0.<sourceFirst>
 	connectPar  int
 	connectWait time.Duration
 	pids        []int // the server's processes (pushpin is several); RSS, CPU and writes are summed
+	brokerPids  []int // a broker the servers use: its CPU is reported apart, not as "other"
 
 	peer      string // livepipe, nchan, pushpin, better-sse, raw-node (peers.go)
 	pubURL    string // pushpin: its HTTP publish endpoint
+	natsPub   string // publish straight into this NATS server instead (natspub.go)
 	ownTopics bool   // each stream also subscribes to a topic of its own (o<i>)
 	ownRate   float64
 	churn     int
@@ -60,15 +65,19 @@ func main() {
 	var c config
 	var rawURL, steps string
 	flag.StringVar(&c.mode, "mode", "fanout", "fanout or idle")
-	flag.StringVar(&rawURL, "url", "http://127.0.0.1:8080", "relay base URL")
+	flag.StringVar(&rawURL, "url", "http://127.0.0.1:8080", "relay base URL; a comma-separated list spreads the streams over several nodes (stream i on URL i mod count) and publishes round-robin")
 	flag.StringVar(&c.topic, "topic", "bench", "topic every stream subscribes to")
 	flag.IntVar(&c.n, "n", 1000, "number of SSE connections")
 	flag.IntVar(&c.sources, "sources", 0, "loopback source IPs 127.0.0.2.. to spread connections over (0: one per 20000 connections when n > 20000)")
+	flag.IntVar(&c.sourceFirst, "source-first", 2, "with -sources: the first source IP is 127.0.0.<this> (several loadgens at once each take their own)")
 	flag.IntVar(&c.connectPar, "connect-concurrency", 200, "connections being opened at once")
 	flag.DurationVar(&c.connectWait, "connect-timeout", 90*time.Second, "how long to wait for every stream's config event")
 	var pids string
-	flag.StringVar(&pids, "pid", "", "server pid(s), comma-separated, for RSS, CPU time and writes from /proc (summed)")
+	flag.StringVar(&pids, "pid", "", "server pid(s), comma-separated, for RSS, CPU time and writes from /proc (summed; CPU also each)")
+	var brokerPids string
+	flag.StringVar(&brokerPids, "broker-pid", "", "fanout: pid(s) of a broker the servers use; its CPU is reported as broker_cpu")
 	flag.StringVar(&c.peer, "peer", "livepipe", "server kind: livepipe, nchan, pushpin, better-sse, raw-node")
+	flag.StringVar(&c.natsPub, "nats-pub", "", "fanout: publish with core NATS PUB to this server (nats://host:port) instead of through the server under test")
 	flag.StringVar(&c.pubURL, "pub-url", "http://127.0.0.1:5561/publish/", "pushpin: its HTTP publish API")
 	flag.BoolVar(&c.ownTopics, "own-topics", false, "each stream also subscribes to its own topic o<i> (many topics)")
 	flag.Float64Var(&c.ownRate, "own-rate", 0, "fanout with -own-topics: messages/s published round-robin to the streams' own topics during the timed phases")
@@ -101,21 +110,20 @@ func main() {
 		defer pprof.StopCPUProfile()
 	}
 
-	for _, f := range strings.Split(pids, ",") {
-		if n, err := strconv.Atoi(strings.TrimSpace(f)); err == nil && n > 0 {
-			c.pids = append(c.pids, n)
-		}
-	}
+	c.pids, c.brokerPids = pidList(pids), pidList(brokerPids)
 	switch c.peer {
 	case "livepipe", "nchan", "pushpin", "better-sse", "raw-node":
 	default:
 		fatalf("unknown -peer %q", c.peer)
 	}
-	u, err := url.Parse(rawURL)
-	if err != nil || u.Host == "" {
-		fatalf("bad -url %q", rawURL)
+	for _, raw := range strings.Split(rawURL, ",") {
+		u, err := url.Parse(strings.TrimSpace(raw))
+		if err != nil || u.Host == "" {
+			fatalf("bad -url %q", raw)
+		}
+		c.bases = append(c.bases, u)
 	}
-	c.base = u
+	c.base = c.bases[0]
 	for _, s := range strings.Split(steps, ",") {
 		if s = strings.TrimSpace(s); s == "" {
 			continue
@@ -146,6 +154,19 @@ func main() {
 	line, _ := json.Marshal(out)
 	fmt.Println(string(line))
 }
+
+func pidList(list string) []int {
+	var out []int
+	for _, f := range strings.Split(list, ",") {
+		if n, err := strconv.Atoi(strings.TrimSpace(f)); err == nil && n > 0 {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+// baseOf is the node stream i connects to.
+func (c *config) baseOf(i int) *url.URL { return c.bases[i%len(c.bases)] }
 
 func fatalf(format string, args ...any) {
 	fmt.Fprintf(os.Stderr, "loadgen: "+format+"\n", args...)
@@ -208,7 +229,7 @@ func (s *swarm) open() time.Duration {
 		s.streams[i] = st
 		var src net.IP
 		if s.cfg.sources > 0 {
-			src = net.IPv4(127, 0, 0, byte(2+i%s.cfg.sources))
+			src = net.IPv4(127, 0, 0, byte(s.cfg.sourceFirst+i%s.cfg.sources))
 		}
 		sem <- struct{}{}
 		s.wg.Add(1)
@@ -239,7 +260,8 @@ func (s *swarm) run(st *stream, idx int, src net.IP, connected func()) {
 	if src != nil {
 		d.LocalAddr = &net.TCPAddr{IP: src}
 	}
-	conn, err := d.Dial("tcp", s.cfg.base.Host)
+	host := s.cfg.baseOf(idx).Host
+	conn, err := d.Dial("tcp", host)
 	if err != nil {
 		s.stats.failed.Add(1)
 		s.fail(err)
@@ -247,7 +269,7 @@ func (s *swarm) run(st *stream, idx int, src net.IP, connected func()) {
 	}
 	st.conn = conn
 	path := s.cfg.subPath(idx)
-	req := "GET " + path + " HTTP/1.1\r\nHost: " + s.cfg.base.Host + "\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
+	req := "GET " + path + " HTTP/1.1\r\nHost: " + host + "\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
 	if _, err := io.WriteString(conn, req); err != nil {
 		s.stats.failed.Add(1)
 		s.fail(err)
@@ -337,6 +359,12 @@ func (s *swarm) close() {
 	for _, st := range s.streams {
 		st.closing.Store(true)
 		if st.conn != nil {
+			// From a source address of our own (-sources): reset rather than close. A FIN would
+			// leave each port in TIME_WAIT for a minute, and meanwhile the kernel gives none of
+			// them to a connect() that lets it pick the port (curl, the next run, other programs).
+			if tc, ok := st.conn.(*net.TCPConn); ok && s.cfg.sources > 0 {
+				tc.SetLinger(0)
+			}
 			st.conn.Close()
 		}
 	}

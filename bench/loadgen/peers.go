@@ -59,7 +59,8 @@ func (c *config) publishRequest(topic string, body []byte) (*http.Request, error
 		body = b
 		u = c.pubURL
 	default:
-		u = c.base.Scheme + "://" + c.base.Host + endpoint(c.base, "publish") + "?topic=" + url.QueryEscape(topic)
+		b := c.bases[c.pubNext.Add(1)%uint64(len(c.bases))] // spread over the nodes
+		u = b.Scheme + "://" + b.Host + endpoint(b, "publish") + "?topic=" + url.QueryEscape(topic)
 	}
 	req, err := http.NewRequest(http.MethodPost, u, bytes.NewReader(body))
 	if err != nil {
