@@ -44,6 +44,8 @@ const wireError = z.object({
   reason: z.enum(REJECT_REASONS).optional(),
   retryAfterSec: z.number().optional(),
 }) satisfies z.ZodType<WireError>;
+/** An encoded envelope goes onto a client's stream as is: one `data:` line, never a line break that could add SSE fields. */
+const oneLine = z.string().regex(/^[^\r\n]*$/);
 const wireRecord = z.object({ id: text, topics: z.array(text), identity: text.optional() });
 const updateRequest = z.object({ sessionId: text, add: z.array(text), remove: z.array(text) });
 const updateResult = z.object({ session_id: text, subscriptions: z.array(text), failed: z.array(z.object({ topic: text, code: text, message: text })) });
@@ -54,7 +56,7 @@ const BODY = z.discriminatedUnion('t', [
   z.object({ t: z.literal('held'), records: z.array(wireRecord) }),
   z.object({ t: z.literal('dropped'), ids: z.array(text) }),
   z.object({ t: z.literal('take'), ref: count, id: text, seq: count.optional(), identity: text.optional() }),
-  z.object({ t: z.literal('taken'), ref: count, movedTo: text.optional(), topics: z.array(text).optional(), missed: z.array(z.tuple([text, text, z.number()])).optional(), incomplete: z.boolean().optional(), error: wireError.optional() }),
+  z.object({ t: z.literal('taken'), ref: count, movedTo: text.optional(), topics: z.array(text).optional(), missed: z.array(z.tuple([text, oneLine, z.number()])).optional(), incomplete: z.boolean().optional(), error: wireError.optional() }),
   z.object({ t: z.literal('update'), ref: count, request: updateRequest, identity: text.optional() }),
   z.object({ t: z.literal('updated'), ref: count, result: updateResult.optional(), error: wireError.optional() }),
 ]);
