@@ -268,6 +268,37 @@ describe('scale-out: nodes over one broker', () => {
     s.close();
   });
 
+  it('takes a handed-over message onto the stream only as one data line', async () => {
+    const [b] = await nodes(1);
+    const bus = b!.relay.core.broker.control!;
+    // A node that answers hand-overs from the wire, with whatever envelope the test gives it.
+    let asked = 0;
+    const answer = (envelope: string) => async (body: Uint8Array) => {
+      const take = JSON.parse(Buffer.from(body).toString());
+      asked++;
+      const reply = { t: 'taken', ref: take.ref, topics: ['t'], missed: [['t', envelope, Date.now()]], from: 'fakenode' };
+      await bus.publish(`livepipe-control.${take.from}`, Buffer.from(JSON.stringify(reply)));
+    };
+    let respond = answer('{"topic":"t","payload":"x"}\nevent: injected');
+    await bus.subscribe('livepipe-control.fakenode', { message: (body) => void respond(body), error() {}, recovered() {} });
+    const alive = () => bus.publish('livepipe-control.all', Buffer.from(JSON.stringify({ t: 'beat', from: 'fakenode' })));
+    await alive();
+
+    const forged = await open(b!, `?topics=t&session_id=fakenode${'A'.repeat(22)}`);
+    assert.equal(asked, 1, 'the node named in the id was asked');
+    assert.equal(forged.config.resumed, false, 'a reply that would break the stream is not taken');
+    assert.ok(!forged.raw.includes('injected'));
+    forged.close();
+
+    respond = answer('{"topic":"t","payload":"handed over"}');
+    await alive();
+    const taken = await open(b!, `?session_id=fakenode${'B'.repeat(22)}`);
+    assert.equal(taken.config.resumed, true);
+    await taken.until(() => taken.messages().length >= 1, 5000, 'the handed-over message');
+    assert.deepEqual(payloads(taken), ['handed over']);
+    taken.close();
+  });
+
   it('keeps the control topics to itself', async () => {
     const [a] = await nodes(1);
     const res = await SseReader.open(`${a!.base}/events?topics=livepipe-control.all`);
