@@ -48,20 +48,16 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-log() { printf '\n== %s\n' "$*" >&2; }
-die() { printf 'rivals: %s\n' "$*" >&2; exit 1; }
-
-[[ -x $NODE ]] || die "no $NODE: run npm install first"
-for cmd in go taskset curl nginx pushpin; do command -v "$cmd" >/dev/null || die "$cmd is not installed"; done
+NAME=rivals
+source bench/lib.sh
+bench_checks go taskset curl nginx pushpin
 [[ -f /usr/lib/nginx/modules/ngx_nchan_module.so ]] || die "libnginx-mod-nchan is not installed"
 [[ -d node_modules/better-sse ]] || die "better-sse is not installed (npm install --save-dev better-sse)"
-(($(nproc) >= 2)) || die "needs 2 cores (nproc: $(nproc))"
-ulimit -n "$(ulimit -Hn)"
 rm -rf "$OUT"
 mkdir -p "$OUT"
 
 log "building the loadgen and livepipe"
-(cd bench/loadgen && GOTOOLCHAIN=local go build -o "$OUT/loadgen" .)
+build_loadgen
 npm run --silent build >"$OUT/build.log" 2>&1 || printf 'rivals: npm run build reported errors (see %s); trying the emitted code anyway\n' "$OUT/build.log" >&2
 
 free_port() { "$NODE" -e "const s=require('node:net').createServer().listen(0,'0.0.0.0',()=>{console.log(s.address().port);s.close()})"; }

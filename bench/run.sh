@@ -43,19 +43,14 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-log() { printf '\n== %s\n' "$*" >&2; }
-die() { printf 'bench: %s\n' "$*" >&2; exit 1; }
-
-[[ -x $NODE ]] || die "no $NODE: run npm install first"
-command -v go >/dev/null || die "go is not installed"
-command -v taskset >/dev/null || die "taskset is not installed (util-linux)"
-(($(nproc) >= 2)) || die "needs 2 cores to pin the relay and the loadgen apart (nproc: $(nproc))"
-ulimit -n "$(ulimit -Hn)" # each process holds up to ~10,000 sockets
+NAME=bench
+source bench/lib.sh
+bench_checks go taskset
 rm -rf "$OUT/profiles" "$OUT/results.jsonl" "$OUT"/server-*.log
 mkdir -p "$OUT"
 
 log "building the loadgen"
-(cd bench/loadgen && GOTOOLCHAIN=local go build -o "$OUT/loadgen" .)
+build_loadgen
 
 if [[ $SERVER == auto ]]; then
   if [[ -f bin/livepipe.js ]]; then SERVER=cli; else SERVER=script; fi

@@ -48,18 +48,14 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-log() { printf '\n== %s\n' "$*" >&2; }
-die() { printf 'scaleout: %s\n' "$*" >&2; exit 1; }
-
-[[ -x $NODE ]] || die "no $NODE: run npm install first"
-for cmd in go taskset curl nats-server ss; do command -v "$cmd" >/dev/null || die "$cmd is not installed"; done
-(($(nproc) >= 2)) || die "needs 2 cores (nproc: $(nproc))"
-ulimit -n "$(ulimit -Hn)"
+NAME=scaleout
+source bench/lib.sh
+bench_checks go taskset curl nats-server ss
 rm -rf "$OUT"
 mkdir -p "$OUT"
 
 log "building the loadgen and livepipe"
-(cd bench/loadgen && GOTOOLCHAIN=local go build -o "$OUT/loadgen" .)
+build_loadgen
 # The nodes run a copy of the build: other engineers' `npm run build` (the test suite runs it)
 # rewrites dist/ meanwhile, and a node started while dist/ is half written does not start.
 APP=$OUT/app
