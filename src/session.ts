@@ -13,9 +13,18 @@ export function setSessionIdPrefix(bytes: Buffer): void {
   idPrefixBytes = Buffer.from(bytes);
 }
 
+const RANDOM_BYTES = 16;
+/** Random bytes for the next ids, drawn 256 ids at a time: one call per id was ~2% of a stream open. */
+let pool = Buffer.alloc(0);
+let taken = 0;
+
 /** Session ids carry 128 random bits (PROTOCOL.md 2.2): they are bearer secrets. */
 export function newSessionId(prefix: Buffer = idPrefixBytes): string {
-  const random = randomBytes(16);
+  if (taken + RANDOM_BYTES > pool.length) {
+    pool = randomBytes(RANDOM_BYTES * 256);
+    taken = 0;
+  }
+  const random = pool.subarray(taken, (taken += RANDOM_BYTES));
   return (prefix.length === 0 ? random : Buffer.concat([prefix, random])).toString('base64url');
 }
 

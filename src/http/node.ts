@@ -239,6 +239,10 @@ function takeOver(req: IncomingMessage, res: ServerResponse, headers: Record<str
   // Someone else listens to the response (a request logger, say): it keeps the socket, to hear
   // the end from node:http itself ('finish' when the stream ends cleanly, 'close' in any case).
   const watched = res.listenerCount('close') > 0 || res.listenerCount('finish') > 0;
+  // The head and the stream's first bytes (its config event, written in this same tick) leave
+  // in one write: W4 churn profiles showed the head's own write at ~7% of the CPU.
+  socket.cork();
+  process.nextTick(uncork, socket);
   res.writeHead(200, { ...headers, connection: 'close' });
   // The head goes to the socket now: the response holds it.
   res.flushHeaders();
@@ -254,6 +258,10 @@ function takeOver(req: IncomingMessage, res: ServerResponse, headers: Record<str
   // Reads now come to the socket rather than the parser: read (and drop) them, so that a FIN is seen.
   socket.resume();
   return new SocketSink(socket, res.chunkedEncoding, watched ? res : undefined);
+}
+
+function uncork(socket: Socket): void {
+  socket.uncork();
 }
 
 function endSocket(this: Socket): void {
