@@ -22,6 +22,8 @@ export class RelayMessage {
   readonly receivedAt: number;
   /** Where the broker keeps this message, when it keeps history (Broker.replay); also in the event id. */
   readonly position: number | undefined;
+  /** What follows `<session id>.` in this message's event id (see eventId). */
+  readonly idSuffix: string;
 
   /** `envelope` is the `{"topic":…,"payload":…}` JSON (see fromBody). */
   constructor(seq: number, topic: string, envelope: string, receivedAt: number, position?: number) {
@@ -29,6 +31,7 @@ export class RelayMessage {
     this.topic = topic;
     this.receivedAt = receivedAt;
     this.position = position;
+    this.idSuffix = position === undefined ? String(seq) : `${seq}.${position}.${topicTag(topic)}`;
     const head = `${this.idSuffix}\ndata: `;
     this.jsonStart = Buffer.byteLength(head);
     this.sseTail = Buffer.from(`${head}${envelope}\n\n`);
@@ -37,11 +40,6 @@ export class RelayMessage {
   /** A broker message body, encoded as PROTOCOL.md 2.1 says. */
   static fromBody(seq: number, topic: string, body: Uint8Array, embedJson: boolean, receivedAt: number, position?: number): RelayMessage {
     return new RelayMessage(seq, topic, encodeEnvelope(topic, body, embedJson), receivedAt, position);
-  }
-
-  /** What follows `<session id>.` in this message's event id (see eventId). */
-  get idSuffix(): string {
-    return this.position === undefined ? String(this.seq) : `${this.seq}.${this.position}.${topicTag(this.topic)}`;
   }
 
   /** The `{"topic":…,"payload":…}` JSON of this message, without copying it. */
