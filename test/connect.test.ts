@@ -19,6 +19,7 @@ import { Relay as RelayService, StreamErrorSchema, type Event } from '../src/gen
 import { parseCli } from '../src/server/args.ts';
 import { startServer } from '../src/server/cli.ts';
 import { post, SseReader } from './support/relay.ts';
+import { Waiter } from './support/wait.ts';
 
 const PROTO = fileURLToPath(new URL('../proto/livepipe/v1/relay.proto', import.meta.url));
 
@@ -86,7 +87,7 @@ class OpenStream {
   ended = false;
   /** Set when the call ended with an error status. */
   failure: CallError | undefined;
-  private waiters: (() => void)[] = [];
+  private readonly waiter = new Waiter();
   pause: () => void = () => {};
   resume: () => void = () => {};
   close: () => void = () => {};
@@ -116,25 +117,13 @@ class OpenStream {
     this.wakeAll();
   }
 
-  async until(predicate: () => boolean, what: string, ms = 10_000): Promise<void> {
-    const deadline = Date.now() + ms;
-    while (!predicate()) {
-      const left = deadline - Date.now();
-      if (left <= 0) throw new Error(`timed out waiting for ${what}; events: ${JSON.stringify(this.events.slice(-5).map(show))}, ended ${this.ended} ${JSON.stringify(this.failure)}`);
-      await new Promise<void>((resolve) => {
-        const t = setTimeout(resolve, Math.min(left, 100));
-        this.waiters.push(() => {
-          clearTimeout(t);
-          resolve();
-        });
-      });
-    }
+  until(predicate: () => boolean, what: string, ms = 10_000): Promise<void> {
+    const timedOut = () => new Error(`timed out waiting for ${what}; events: ${JSON.stringify(this.events.slice(-5).map(show))}, ended ${this.ended} ${JSON.stringify(this.failure)}`);
+    return this.waiter.until(predicate, ms, timedOut);
   }
 
   private wakeAll(): void {
-    const w = this.waiters;
-    this.waiters = [];
-    for (const f of w) f();
+    this.waiter.wake();
   }
 }
 

@@ -18,6 +18,7 @@ import { sessionFingerprint } from '../src/tracer.ts';
 import { tracesUrl } from '../src/server/tracing.ts';
 import { ensureBuilt, LivepipeProcess, parseRecords, ROOT, type LogRecord } from './support/livepipe.ts';
 import { post, SseReader, startRelay, type RunningRelay } from './support/relay.ts';
+import { Waiter } from './support/wait.ts';
 
 const uniqueBus = (name: string) => `${name}-${process.pid}-${Math.random()}`;
 
@@ -35,7 +36,7 @@ class WsClient {
   readonly frames: any[] = [];
   readonly socket: WebSocket;
   closed: { code: number; reason: string } | undefined;
-  private waiters: Array<() => void> = [];
+  private readonly waiter = new Waiter();
 
   constructor(socket: WebSocket) {
     this.socket = socket;
@@ -56,24 +57,12 @@ class WsClient {
     return client;
   }
 
-  async until(predicate: () => boolean, what: string, ms = 5000): Promise<void> {
-    const deadline = Date.now() + ms;
-    while (!predicate()) {
-      if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}; frames: ${JSON.stringify(this.frames)}`);
-      await new Promise<void>((resolve) => {
-        const t = setTimeout(resolve, 50);
-        this.waiters.push(() => {
-          clearTimeout(t);
-          resolve();
-        });
-      });
-    }
+  until(predicate: () => boolean, what: string, ms = 5000): Promise<void> {
+    return this.waiter.until(predicate, ms, () => new Error(`timed out waiting for ${what}; frames: ${JSON.stringify(this.frames)}`), 50);
   }
 
   private wake(): void {
-    const w = this.waiters;
-    this.waiters = [];
-    for (const f of w) f();
+    this.waiter.wake();
   }
 }
 

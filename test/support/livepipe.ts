@@ -2,6 +2,7 @@
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
+import { Waiter } from './wait.ts';
 
 export const ROOT = fileURLToPath(new URL('../../', import.meta.url));
 export const BIN = `${ROOT}bin/livepipe.js`;
@@ -41,7 +42,7 @@ export class LivepipeProcess {
   stdout = '';
   stderr = '';
   readonly exited: Promise<Exit>;
-  private changed: Array<() => void> = [];
+  private readonly waiter = new Waiter();
 
   constructor(args: string[], env: Record<string, string> = {}, nodeArgs: string[] = []) {
     this.child = spawn(process.execPath, [...nodeArgs, BIN, ...args], { cwd: ROOT, env: childEnv(env), stdio: ['ignore', 'pipe', 'pipe'] });
@@ -91,24 +92,12 @@ export class LivepipeProcess {
     await this.exited;
   }
 
-  private async until(predicate: () => boolean, ms: number, what: string): Promise<void> {
-    const deadline = Date.now() + ms;
-    while (!predicate()) {
-      if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}; stdout:\n${this.stdout}\nstderr:\n${this.stderr}`);
-      await new Promise<void>((resolve) => {
-        const t = setTimeout(resolve, 100);
-        this.changed.push(() => {
-          clearTimeout(t);
-          resolve();
-        });
-      });
-    }
+  private until(predicate: () => boolean, ms: number, what: string): Promise<void> {
+    return this.waiter.until(predicate, ms, () => new Error(`timed out waiting for ${what}; stdout:\n${this.stdout}\nstderr:\n${this.stderr}`));
   }
 
   private wake(): void {
-    const waiting = this.changed;
-    this.changed = [];
-    for (const f of waiting) f();
+    this.waiter.wake();
   }
 }
 
