@@ -6,7 +6,7 @@ import { createServer, connect, type Socket } from 'node:net';
 import { promisify } from 'node:util';
 import * as amqplib from 'amqplib';
 import type { ChannelModel, ConfirmChannel } from 'amqplib';
-import { describeConformance, Collector, freshTopic } from './conformance.ts';
+import { describeConformance, Collector, freshTopic, openDriver } from './conformance.ts';
 import { restartBroker, skipUnlessCi, unreachable } from './availability.ts';
 import { openBroker } from '../../src/brokers/index.ts';
 import { AmqpBroker, parseAmqpUrl } from '../../src/brokers/amqp.ts';
@@ -47,11 +47,7 @@ after(async () => {
   await opened?.conn.close().catch(() => {});
 });
 
-async function openAmqp(url = AMQP_URL): Promise<AmqpBroker> {
-  const broker = await openBroker(url);
-  assert.ok(broker instanceof AmqpBroker);
-  return broker;
-}
+const openAmqp = (url = AMQP_URL): Promise<AmqpBroker> => openDriver(url, AmqpBroker);
 
 const run = promisify(execFile);
 // Only an operator can delete another connection's exclusive queue: rabbitmqctl, as scripts/brokers.sh runs it.

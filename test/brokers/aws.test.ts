@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { SNSClient, CreateTopicCommand, PublishCommand, ListSubscriptionsByTopicCommand } from '@aws-sdk/client-sns';
 import { SQSClient, CreateQueueCommand, DeleteQueueCommand, GetQueueAttributesCommand, ListQueuesCommand, SendMessageCommand } from '@aws-sdk/client-sqs';
-import { describeConformance, Collector, rejectsWith, sleep } from './conformance.ts';
+import { describeConformance, Collector, rejectsWith, sleep, openDriver } from './conformance.ts';
 import { restartEmulator, skipUnlessCi, unreachable } from './availability.ts';
 import { openBroker } from '../../src/brokers/index.ts';
 import { AwsSnsBroker, AwsSqsBroker, encodeBody, parseAwsUrl } from '../../src/brokers/aws.ts';
@@ -33,11 +33,7 @@ after(() => {
 /** SNS names hold no dot: `conf-<hex>`. */
 const snsTopic = (prefix = 'conf') => `${prefix}-${randomBytes(6).toString('hex')}`;
 
-async function openSns(url = SNS_URL): Promise<AwsSnsBroker> {
-  const broker = await openBroker(url);
-  assert.ok(broker instanceof AwsSnsBroker);
-  return broker;
-}
+const openSns = (url = SNS_URL): Promise<AwsSnsBroker> => openDriver(url, AwsSnsBroker);
 
 /** Publishes with the SNS SDK, binary bodies base64-encoded under the documented attribute. */
 async function publishViaSdk(topic: string, body: Uint8Array): Promise<void> {

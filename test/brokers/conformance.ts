@@ -7,6 +7,7 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import type { Broker, BrokerSubscription, SubscriptionListener } from '../../src/brokers/broker.ts';
 import { RelayError } from '../../src/errors.ts';
+import { openBroker } from '../../src/brokers/index.ts';
 import { Waiter } from '../support/wait.ts';
 
 export interface ConformanceHarness {
@@ -273,6 +274,13 @@ export function describeConformance(h: ConformanceHarness): void {
       });
     }
   });
+}
+
+/** Opens `url` and checks that it gave the driver class a driver test is about. */
+export async function openDriver<T extends Broker>(url: string, driver: abstract new (...args: never[]) => T): Promise<T> {
+  const broker = await openBroker(url);
+  assert.ok(broker instanceof driver, `${url} opened a ${broker.constructor.name}, not a ${driver.name}`);
+  return broker;
 }
 
 /**

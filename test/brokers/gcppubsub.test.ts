@@ -2,7 +2,7 @@ import { describe, it, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { PubSub } from '@google-cloud/pubsub';
 import type { Topic } from '@google-cloud/pubsub';
-import { describeConformance, Collector, freshTopic, rejectsWith, subscribeAll } from './conformance.ts';
+import { describeConformance, Collector, freshTopic, rejectsWith, subscribeAll, openDriver } from './conformance.ts';
 import { restartEmulator, skipUnlessCi, unreachable } from './availability.ts';
 import { openBroker } from '../../src/brokers/index.ts';
 import { GcpPubSubBroker, parseGcpPubSubUrl } from '../../src/brokers/gcppubsub.ts';
@@ -21,11 +21,7 @@ const raw = new PubSub({ projectId: PROJECT });
 const rawTopics = new Map<string, Topic>();
 after(() => raw.close());
 
-async function openPubSub(url = URL_): Promise<GcpPubSubBroker> {
-  const broker = await openBroker(url);
-  assert.ok(broker instanceof GcpPubSubBroker);
-  return broker;
-}
+const openPubSub = (url = URL_): Promise<GcpPubSubBroker> => openDriver(url, GcpPubSubBroker);
 
 /** Subscription ids in the emulator that belong to driver instance `instanceId`. */
 async function subscriptionsOf(instanceId: string): Promise<string[]> {

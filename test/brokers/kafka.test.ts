@@ -1,7 +1,7 @@
 import { describe, it, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { Admin, Producer } from '@platformatic/kafka';
-import { describeConformance, Collector, DEFAULT_REPRESENTABLE, freshTopic, rejectsWith, sleep } from './conformance.ts';
+import { describeConformance, Collector, DEFAULT_REPRESENTABLE, freshTopic, rejectsWith, sleep, openDriver } from './conformance.ts';
 import { restartBroker, skipUnlessCi, unreachable } from './availability.ts';
 import { openBroker } from '../../src/brokers/index.ts';
 import { KafkaBroker, parseKafkaUrl } from '../../src/brokers/kafka.ts';
@@ -26,11 +26,7 @@ after(async () => {
   await admin?.close();
 });
 
-async function openKafka(url = KAFKA_URL): Promise<KafkaBroker> {
-  const broker = await openBroker(url);
-  assert.ok(broker instanceof KafkaBroker);
-  return broker;
-}
+const openKafka = (url = KAFKA_URL): Promise<KafkaBroker> => openDriver(url, KafkaBroker);
 
 describeConformance({
   name: 'kafka',

@@ -2,7 +2,7 @@ import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import mqtt from 'mqtt';
 import type { IConnackPacket, MqttClient } from 'mqtt';
-import { describeConformance, Collector, freshTopic, rejectsWith, sleep, subscribeAll } from './conformance.ts';
+import { describeConformance, Collector, freshTopic, rejectsWith, sleep, subscribeAll, openDriver } from './conformance.ts';
 import { restartBroker, skipUnlessCi, unreachable } from './availability.ts';
 import { openBroker } from '../../src/brokers/index.ts';
 import type { Broker } from '../../src/brokers/broker.ts';
@@ -20,11 +20,7 @@ async function client(): Promise<MqttClient> {
 }
 after(() => raw?.endAsync());
 
-async function openMqtt(url = MQTT_URL): Promise<MqttBroker> {
-  const broker = await openBroker(url);
-  assert.ok(broker instanceof MqttBroker);
-  return broker;
-}
+const openMqtt = (url = MQTT_URL): Promise<MqttBroker> => openDriver(url, MqttBroker);
 
 /**
  * Whether the broker kept session state (subscriptions, queued messages) for `clientId`: an

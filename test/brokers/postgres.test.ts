@@ -2,7 +2,7 @@ import { describe, it, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { isUtf8 } from 'node:buffer';
 import pg from 'pg';
-import { describeConformance, Collector, freshTopic, rejectsWith } from './conformance.ts';
+import { describeConformance, Collector, freshTopic, rejectsWith, openDriver } from './conformance.ts';
 import { restartBroker, skipUnlessCi, unreachable } from './availability.ts';
 import { openBroker } from '../../src/brokers/index.ts';
 import { MAX_BINARY_BODY_BYTES, PostgresBroker } from '../../src/brokers/postgres.ts';
@@ -27,11 +27,7 @@ async function notify(topic: string, payload: string): Promise<void> {
   await raw.query(`NOTIFY ${pg.escapeIdentifier(topic)}, ${pg.escapeLiteral(payload)}`);
 }
 
-async function openPostgres(url = PG_URL): Promise<PostgresBroker> {
-  const broker = await openBroker(url);
-  assert.ok(broker instanceof PostgresBroker);
-  return broker;
-}
+const openPostgres = (url = PG_URL): Promise<PostgresBroker> => openDriver(url, PostgresBroker);
 
 describeConformance({
   name: 'postgres (LISTEN/NOTIFY)',

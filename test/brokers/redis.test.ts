@@ -1,7 +1,7 @@
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { Redis } from 'ioredis';
-import { assertReplays, describeConformance, Collector, freshTopic, rejectsWith, sleep } from './conformance.ts';
+import { assertReplays, describeConformance, Collector, freshTopic, rejectsWith, sleep, openDriver } from './conformance.ts';
 import { restartBroker, skipUnlessCi, unreachable } from './availability.ts';
 import { openBroker } from '../../src/brokers/index.ts';
 import type { Broker } from '../../src/brokers/broker.ts';
@@ -28,11 +28,7 @@ after(async () => {
   raw.disconnect();
 });
 
-async function openRedis(url = REDIS_URL): Promise<RedisBroker> {
-  const broker = await openBroker(url);
-  assert.ok(broker instanceof RedisBroker);
-  return broker;
-}
+const openRedis = (url = REDIS_URL): Promise<RedisBroker> => openDriver(url, RedisBroker);
 
 /** The closed instance's connections, as CLIENT LIST names them (the server drops them shortly after the socket closes). */
 async function connectionsOf(closed: Broker): Promise<string[]> {
