@@ -86,20 +86,24 @@ wait_until() {
   done
 }
 
+# gone_within PID TENTHS: true once PID has exited, false if it still runs after TENTHS × 0.1 s.
+gone_within() {
+  local pid=$1 i
+  for ((i = 0; i < $2; i++)); do
+    pid_alive "$pid" || return 0
+    sleep 0.1
+  done
+  return 1
+}
+
 # stop_pid NAME PID: SIGTERM, wait up to 60 s for exit, SIGKILL as a last resort.
 stop_pid() {
-  local name=$1 pid=$2 i
+  local name=$1 pid=$2
   kill -TERM "$pid" 2>/dev/null || true
-  for ((i = 0; i < 600; i++)); do
-    pid_alive "$pid" || return 0
-    sleep 0.1
-  done
+  gone_within "$pid" 600 && return 0
   log "$name (pid $pid) ignored SIGTERM for 60s; killing it"
   kill -KILL "$pid" 2>/dev/null || true
-  for ((i = 0; i < 50; i++)); do
-    pid_alive "$pid" || return 0
-    sleep 0.1
-  done
+  gone_within "$pid" 50 && return 0
   die "$name (pid $pid) would not exit"
 }
 
