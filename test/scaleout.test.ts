@@ -312,6 +312,7 @@ describe('scale-out: nodes over one broker', () => {
   it('refuses to start on a broker whose readers compete for messages', async () => {
     const broker: Broker = {
       scheme: 'awssqs',
+      competingReaders: true,
       topicProblem: () => undefined,
       subscribe: () => Promise.reject(new Error('unused')),
       publish: () => Promise.resolve(),

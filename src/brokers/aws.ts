@@ -408,6 +408,7 @@ export class AwsSnsBroker implements Broker {
 
 export class AwsSqsBroker implements Broker {
   readonly scheme = 'awssqs';
+  readonly competingReaders = true;
   readonly queueUrl: string;
   /** Messages without a `topic` attribute belong to this topic: the queue's name. */
   readonly defaultTopic: string;

@@ -49,6 +49,11 @@ export interface Broker {
    */
   readonly control?: ControlBus | undefined;
   /**
+   * True for a driver whose readers compete for messages (each goes to one of several relays,
+   * like an SQS queue): it cannot carry node-to-node messages, which every node must get.
+   */
+  readonly competingReaders?: boolean;
+  /**
    * For a broker that keeps history (NATS JetStream, Redis streams): the messages it still
    * holds on `topics` after `position` (the position of the client's last message, which was on
    * `lastTopic` when known), oldest first, at most `limit`. Where positions of two topics can

@@ -386,9 +386,8 @@ function toWireRecord(session: SessionSnapshot): WireRecord {
 
 /** Makes `core` one node of several over its broker. */
 export async function joinPeers(core: RelayCore, options: ScaleOutOptions): Promise<Peers> {
-  // awssqs:// is a queue of competing consumers: a node-to-node message would reach one node of all.
-  if (core.broker.scheme === 'awssqs') {
-    throw new RelayError('bad-request', 'scale-out needs a broker that gives every node each message; awssqs:// splits them between its readers (use awssns://)');
+  if (core.broker.competingReaders) {
+    throw new RelayError('bad-request', `scale-out needs a broker that gives every node each message; ${core.broker.scheme}:// splits them between its readers`);
   }
   const bus = core.broker.control ?? sharedControlBus(core.broker);
   const tag = randomBytes(NODE_TAG_BYTES);
