@@ -94,8 +94,8 @@ export function globMatch(pattern: string, text: string): boolean {
 }
 
 /** A request's credentials from its headers and URL; `cookie` false where a cookie must not count (see Credentials). */
-export function credentialsFrom(header: (name: string) => string | null | undefined, url: URL | undefined, cookie: boolean): Credentials {
-  return { authorization: header('authorization'), query: url?.searchParams.get('access_token'), cookie: cookie ? header('cookie') : undefined };
+export function credentialsFrom(header: (name: string) => string | null | undefined, query: URLSearchParams | undefined, cookie: boolean): Credentials {
+  return { authorization: header('authorization'), query: query?.get('access_token'), cookie: cookie ? header('cookie') : undefined };
 }
 
 /** The bearer token of a request: the Authorization header first, then the query parameter, then the cookie. */

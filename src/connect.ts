@@ -190,7 +190,7 @@ function clientAddressOf(core: RelayCore, req: NodeRequest | undefined): string 
 
 /** A call's bearer: the Authorization header, the access_token query parameter (Connect GET) or cookie (browsers' gRPC-Web). */
 function credentialsOf(context: HandlerContext): Credentials {
-  return credentialsFrom((name) => context.requestHeader.get(name), new URL(context.url, 'http://relay'), true);
+  return credentialsFrom((name) => context.requestHeader.get(name), new URL(context.url, 'http://relay').searchParams, true);
 }
 
 function resetStream(req: NodeRequest | undefined): void {

@@ -1,5 +1,7 @@
 import type { Registry } from 'prom-client';
 import { createRpcMiddleware, type RpcMiddleware } from './http/connect.ts';
+import type { Server } from 'node:http';
+import { serveStreamsFast, type FastStreamOptions } from './http/fast-streams.ts';
 import { createFetchHandler, type FetchHandler } from './http/fetch.ts';
 import { createNodeHandlers, type NodeHandler, type NodeMiddleware } from './http/node.ts';
 import { createMetrics } from './metrics.ts';
@@ -28,6 +30,15 @@ export interface Relay {
    * gRPC-Web) or node:http2 (all three). Calls `next` for other paths. Loads ConnectRPC on first use.
    */
   connectHandler(): RpcMiddleware;
+  /**
+   * Serves `GET /events` on a plain-HTTP node:http server (yours, Express's `app.listen()`,
+   * Fastify's `fastify.server`) straight from each connection's socket, before node:http parses
+   * it: about twice the stream opens a second on one core (bench/README.md, W4). Same head,
+   * same body, same errors; every other request still reaches the server's own handlers, and
+   * its other 'connection' listeners still hear every connection. Returns false, changing
+   * nothing, for a server it cannot do this for (HTTPS, HTTP/2).
+   */
+  serveStreamsFast(server: Server, options?: FastStreamOptions): boolean;
   /** Changes a session's topics, as `POST /update_subscriptions` does; the app's own call, so `auth` does not apply. */
   updateSubscriptions(request: UpdateRequest): Promise<UpdateResult>;
   /** Publishes through the relay's broker; the app's own call, so `auth` does not apply. */
@@ -59,6 +70,7 @@ export async function createRelay(options: RelayOptions): Promise<Relay> {
     fetch: createFetchHandler(core, metrics),
     handleUpgrade: createWsTransport(core).handleUpgrade,
     connectHandler: () => createRpcMiddleware(core),
+    serveStreamsFast: (server, fastOptions) => serveStreamsFast(server, core, fastOptions),
     updateSubscriptions: (request) => core.updateSubscriptions(request),
     publish: (topic, body) => core.publish(topic, typeof body === 'string' ? Buffer.from(body) : body),
     stats: () => core.stats(),
@@ -79,6 +91,8 @@ export { CLOSE_CODES, type UpgradeHandler } from './ws.ts';
 export type { LimitOptions } from './options.ts';
 export { LimitError, type RejectReason } from './limits.ts';
 export type { FetchClient, FetchHandler } from './http/fetch.ts';
+export type { FastStreamOptions } from './http/fast-streams.ts';
+export type { StreamHead } from './http/stream-head.ts';
 export { RELAY_SERVICE_PATH, type RpcMiddleware } from './http/connect.ts';
 export { topicProblem, MAX_TOPIC_BYTES } from './topics.ts';
 export { livepipeFastify, type FastifyLike, type FastifyRelay } from './http/fastify.ts';

@@ -89,6 +89,11 @@ export class Limits {
     return remoteAddress ? ipOf(remoteAddress) ?? remoteAddress : undefined;
   }
 
+  /** True when streams are counted by client address; else a stream's address need not be looked up (getpeername, a syscall per stream). */
+  get capsStreams(): boolean {
+    return this.options.maxConnectionsPerIp !== undefined;
+  }
+
   /**
    * Takes a stream slot for `address`. `replacing` is the slot of the connection the new stream
    * takes over (a resume): from the same address it is a swap, not one more, so a client whose

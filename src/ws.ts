@@ -247,7 +247,7 @@ export function createWsTransport(core: RelayCore): { handleUpgrade: UpgradeHand
     }
     const clientAddress = core.limits.clientAddress(req.socket.remoteAddress, req.headers['x-forwarded-for']);
     // The cookie counts: originAllowed above keeps other sites' pages from using a visitor's cookie.
-    const credentials = credentialsFrom((name) => req.headers[name] as string | undefined, url, true);
+    const credentials = credentialsFrom((name) => req.headers[name] as string | undefined, url.searchParams, true);
     wss.handleUpgrade(req, socket, head, (ws) => serve(ws, socket, url, clientAddress, credentials));
     return true;
   };

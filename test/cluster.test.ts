@@ -207,6 +207,28 @@ describe('livepipe --workers 2', () => {
     }
   });
 
+  it('resumes on a new connection at the owner, whichever worker the connection reaches', async () => {
+    const [owner, stream] = [...streams][0]!;
+    let current = stream;
+    // The primary hands new connections to the workers in turn: of four, two reach the other
+    // worker, which leaves the request to node:http, and that hands it to the owner.
+    for (let i = 0; i < 4; i++) {
+      const lastEventId = current.lastId!;
+      current.close();
+      await call(base, 'POST', '/publish?topic=all', `gap ${i}`);
+      const resumed = await openSse(`${base}/events?topics=all`, { agent: false, headers: { 'last-event-id': lastEventId } });
+      open.push(resumed);
+      assert.equal(resumed.status, 200);
+      assert.equal(Number(resumed.headers[WORKER_HEADER]), owner, 'the owner answers');
+      await resumed.until(() => resumed.messages().length > 0, `the replay of gap ${i}`);
+      assert.equal(resumed.config.session_id, stream.config.session_id);
+      assert.equal(resumed.config.resumed, true);
+      assert.deepEqual(resumed.messages().map((m) => m.payload), [`gap ${i}`]);
+      current = resumed;
+    }
+    streams.set(owner, current);
+  });
+
   it('resumes a WebSocket on the other worker with its session, replaying what it missed', async () => {
     const first = new WsClient(`${base.replace('http:', 'ws:')}/ws?topics=sock`);
     await first.until(() => first.frames.length > 0, 'the config frame');

@@ -5,76 +5,8 @@
  */
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { connect, type Socket } from 'node:net';
-import { Waiter } from './support/wait.ts';
-import { startRelay, SseReader, type RunningRelay } from './support/relay.ts';
-
-/** A raw TCP client that sends one request and keeps every byte of the answer. */
-class RawClient {
-  text = '';
-  ended = false;
-  closed = false;
-  readonly socket: Socket;
-  private readonly waiter = new Waiter();
-  private constructor(socket: Socket) {
-    this.socket = socket;
-    socket.setEncoding('latin1');
-    socket.on('data', (chunk: string) => {
-      this.text += chunk;
-      this.waiter.wake();
-    });
-    socket.on('end', () => {
-      this.ended = true;
-      this.waiter.wake();
-    });
-    socket.on('close', () => {
-      this.closed = true;
-      this.waiter.wake();
-    });
-    socket.on('error', () => {});
-  }
-
-  static async open(r: RunningRelay, request: string): Promise<RawClient> {
-    const { port } = new URL(r.base);
-    const socket = connect(Number(port), '127.0.0.1');
-    await new Promise<void>((resolve, reject) => socket.once('connect', resolve).once('error', reject));
-    socket.write(request);
-    return new RawClient(socket);
-  }
-
-  get head(): string {
-    return this.text.slice(0, this.text.indexOf('\r\n\r\n'));
-  }
-
-  get body(): string {
-    return this.text.slice(this.text.indexOf('\r\n\r\n') + 4);
-  }
-
-  header(name: string): string | undefined {
-    const line = this.head.split('\r\n').find((l) => l.toLowerCase().startsWith(`${name}:`));
-    return line?.slice(name.length + 1).trim();
-  }
-
-  until(predicate: () => boolean, what: string): Promise<void> {
-    return this.waiter.until(predicate, 5000, () => new Error(`timed out waiting for ${what}; got:\n${this.text.slice(-1000)}`));
-  }
-}
-
-/** The payload of a chunked body, and whether it ended with the last chunk (RFC 9112 7.1). */
-function dechunk(body: string): { data: string; complete: boolean } {
-  let data = '';
-  let at = 0;
-  for (;;) {
-    const eol = body.indexOf('\r\n', at);
-    if (eol < 0) return { data, complete: false };
-    const size = parseInt(body.slice(at, eol), 16);
-    assert.ok(Number.isInteger(size), `a chunk size line, got ${JSON.stringify(body.slice(at, eol))}`);
-    if (size === 0) return { data, complete: body.slice(eol + 2) === '\r\n' };
-    data += body.slice(eol + 2, eol + 2 + size);
-    assert.equal(body.slice(eol + 2 + size, eol + 4 + size), '\r\n', 'each chunk ends with CRLF');
-    at = eol + 4 + size;
-  }
-}
+import { RawClient, dechunk } from './support/raw-client.ts';
+import { startRelay, SseReader } from './support/relay.ts';
 
 async function eventually(predicate: () => boolean, what: string): Promise<void> {
   const deadline = Date.now() + 5000;
@@ -84,84 +16,89 @@ async function eventually(predicate: () => boolean, what: string): Promise<void>
   }
 }
 
-describe('SSE on the wire (node:http)', () => {
-  it('HTTP/1.1: a chunked stream with the section 2 headers and Connection: close, ended by the last chunk and then the connection', async () => {
-    const r = await startRelay({ cors: { origins: '*' } });
-    try {
-      const c = await RawClient.open(r, 'GET /events?topics=a HTTP/1.1\r\nHost: x\r\nOrigin: https://app.example\r\n\r\n');
-      await c.until(() => c.body.includes('/httpsub/config'), 'the config event');
-      assert.match(c.head, /^HTTP\/1\.1 200 OK\r\n/);
-      assert.equal(c.header('content-type'), 'text/event-stream; charset=utf-8');
-      assert.equal(c.header('cache-control'), 'no-cache, no-transform');
-      assert.equal(c.header('x-accel-buffering'), 'no');
-      assert.equal(c.header('access-control-allow-origin'), '*');
-      assert.equal(c.header('transfer-encoding'), 'chunked');
-      assert.equal(c.header('connection'), 'close');
+for (const fast of [false, true]) {
+  describe(`SSE on the wire (${fast ? 'streams served before node:http' : 'node:http, socket taken over'})`, () => {
+    it('HTTP/1.1: a chunked stream with the section 2 headers and Connection: close, ended by the last chunk and then the connection', async () => {
+      const r = await startRelay({ cors: { origins: '*' } }, { fast });
+      try {
+        const c = await RawClient.open(r, 'GET /events?topics=a HTTP/1.1\r\nHost: x\r\nOrigin: https://app.example\r\n\r\n');
+        await c.until(() => c.body.includes('/httpsub/config'), 'the config event');
+        assert.match(c.head, /^HTTP\/1\.1 200 OK\r\n/);
+        assert.equal(c.header('content-type'), 'text/event-stream; charset=utf-8');
+        assert.equal(c.header('cache-control'), 'no-cache, no-transform');
+        assert.equal(c.header('x-accel-buffering'), 'no');
+        assert.equal(c.header('access-control-allow-origin'), '*');
+        assert.equal(c.header('transfer-encoding'), 'chunked');
+        assert.equal(c.header('connection'), 'close');
 
-      await r.relay.publish('a', 'hello');
-      await c.until(() => dechunk(c.body).data.includes('"payload":"hello"'), 'the message');
-      await r.relay.close({ reconnectDelayMs: 10 });
-      await c.until(() => c.closed, 'the connection to close');
-      const { data, complete } = dechunk(c.body);
-      assert.equal(complete, true, 'the body ends with the last chunk');
-      assert.match(data, /retry: \d+\n\n$/, 'the reconnect hint is the last thing sent');
-    } finally {
-      await r.close();
-    }
+        await r.relay.publish('a', 'hello');
+        await c.until(() => dechunk(c.body).data.includes('"payload":"hello"'), 'the message');
+        await r.relay.close({ reconnectDelayMs: 10 });
+        await c.until(() => c.closed, 'the connection to close');
+        const { data, complete } = dechunk(c.body);
+        assert.equal(complete, true, 'the body ends with the last chunk');
+        assert.match(data, /retry: \d+\n\n$/, 'the reconnect hint is the last thing sent');
+      } finally {
+        await r.close();
+      }
+    });
+
+    it('HTTP/1.0: the events as they are, no chunks, the end of the body is the end of the connection', async () => {
+      const r = await startRelay({}, { fast });
+      try {
+        const c = await RawClient.open(r, 'GET /events?topics=a HTTP/1.0\r\n\r\n');
+        await c.until(() => c.body.includes('/httpsub/config'), 'the config event');
+        assert.match(c.head, /^HTTP\/1\.1 200 OK\r\n/);
+        assert.equal(c.header('transfer-encoding'), undefined);
+        assert.equal(c.header('connection'), 'close');
+        assert.match(c.body, /^retry: \d+\nid: [^\n]+\ndata: \{"topic":"\/httpsub\/config"/);
+
+        await r.relay.publish('a', 'hello');
+        await c.until(() => c.body.includes('"payload":"hello"'), 'the message');
+        await r.relay.close();
+        await c.until(() => c.ended && c.closed, 'the connection to end');
+        assert.match(c.body, /"payload":"hello"\}\n\n$/);
+      } finally {
+        await r.close();
+      }
+    });
+
+    it('notices a client that leaves, and a client that only ends its side', async () => {
+      const r = await startRelay({}, { fast });
+      try {
+        const gone = await RawClient.open(r, 'GET /events?topics=a HTTP/1.1\r\nHost: x\r\n\r\n');
+        const halfClosed = await RawClient.open(r, 'GET /events?topics=a HTTP/1.1\r\nHost: x\r\n\r\n');
+        await gone.until(() => gone.body.includes('/httpsub/config'), 'the config event');
+        await halfClosed.until(() => halfClosed.body.includes('/httpsub/config'), 'the config event');
+        assert.equal(r.relay.stats().connections.sse, 2);
+        gone.socket.destroy();
+        await eventually(() => r.relay.stats().connections.sse === 1, 'the relay to notice the client that left');
+        halfClosed.socket.end();
+        await halfClosed.until(() => halfClosed.closed, 'the relay to close the half-closed connection');
+        await eventually(() => (r.relay.stats().connections.sse ?? 0) === 0, 'the relay to notice the half-closed one');
+        assert.equal(r.relay.stats().sessions, 2, 'both sessions wait for a resume');
+      } finally {
+        await r.close();
+      }
+    });
+
+    it("server.closeAllConnections() cuts open streams, as it cuts node:http's own responses", async () => {
+      const r = await startRelay({}, { fast });
+      try {
+        const s = await SseReader.open(`${r.base}/events?topics=a`);
+        await s.until(() => s.events.length >= 1, 5000, 'config');
+        r.server.closeAllConnections();
+        await s.until(() => s.ended, 5000, 'the stream to be cut');
+        await eventually(() => (r.relay.stats().connections.sse ?? 0) === 0, 'the relay to notice');
+      } finally {
+        await r.close();
+      }
+    });
+
   });
+}
 
-  it('HTTP/1.0: the events as they are, no chunks, the end of the body is the end of the connection', async () => {
-    const r = await startRelay();
-    try {
-      const c = await RawClient.open(r, 'GET /events?topics=a HTTP/1.0\r\n\r\n');
-      await c.until(() => c.body.includes('/httpsub/config'), 'the config event');
-      assert.match(c.head, /^HTTP\/1\.1 200 OK\r\n/);
-      assert.equal(c.header('transfer-encoding'), undefined);
-      assert.equal(c.header('connection'), 'close');
-      assert.match(c.body, /^retry: \d+\nid: [^\n]+\ndata: \{"topic":"\/httpsub\/config"/);
-
-      await r.relay.publish('a', 'hello');
-      await c.until(() => c.body.includes('"payload":"hello"'), 'the message');
-      await r.relay.close();
-      await c.until(() => c.ended && c.closed, 'the connection to end');
-      assert.match(c.body, /"payload":"hello"\}\n\n$/);
-    } finally {
-      await r.close();
-    }
-  });
-
-  it('notices a client that leaves, and a client that only ends its side', async () => {
-    const r = await startRelay();
-    try {
-      const gone = await RawClient.open(r, 'GET /events?topics=a HTTP/1.1\r\nHost: x\r\n\r\n');
-      const halfClosed = await RawClient.open(r, 'GET /events?topics=a HTTP/1.1\r\nHost: x\r\n\r\n');
-      await gone.until(() => gone.body.includes('/httpsub/config'), 'the config event');
-      await halfClosed.until(() => halfClosed.body.includes('/httpsub/config'), 'the config event');
-      assert.equal(r.relay.stats().connections.sse, 2);
-      gone.socket.destroy();
-      await eventually(() => r.relay.stats().connections.sse === 1, 'the relay to notice the client that left');
-      halfClosed.socket.end();
-      await halfClosed.until(() => halfClosed.closed, 'the relay to close the half-closed connection');
-      await eventually(() => (r.relay.stats().connections.sse ?? 0) === 0, 'the relay to notice the half-closed one');
-      assert.equal(r.relay.stats().sessions, 2, 'both sessions wait for a resume');
-    } finally {
-      await r.close();
-    }
-  });
-
-  it("server.closeAllConnections() cuts open streams, as it cuts node:http's own responses", async () => {
-    const r = await startRelay();
-    try {
-      const s = await SseReader.open(`${r.base}/events?topics=a`);
-      await s.until(() => s.events.length >= 1, 5000, 'config');
-      r.server.closeAllConnections();
-      await s.until(() => s.ended, 5000, 'the stream to be cut');
-      await eventually(() => (r.relay.stats().connections.sse ?? 0) === 0, 'the relay to notice');
-    } finally {
-      await r.close();
-    }
-  });
-
+describe('SSE on the wire (node:http only)', () => {
   it("a listener on the response (a request logger) hears the stream end: 'finish' and 'close' when the relay ends it, 'close' alone when the client leaves", async () => {
     const r = await startRelay();
     const heard: Array<{ url: string | undefined; events: string[]; finished?: boolean }> = [];

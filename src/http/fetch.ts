@@ -47,7 +47,7 @@ export function createFetchHandler(core: RelayCore, metrics: Registry): FetchHan
           return await events(core, request, url, cors(), address);
         case 'update': {
           // Who asks, before the body is read.
-          const principal = await core.authenticate(credentialsFrom((name) => request.headers.get(name), url, true));
+          const principal = await core.authenticate(credentialsFrom((name) => request.headers.get(name), url.searchParams, true));
           const body = await readBody(request, core.options.maxBodyBytes);
           const result = await core.updateSubscriptions(parseUpdateBody(request.headers.get('content-type'), body), principal);
           return json(200, result, cors());
@@ -55,7 +55,7 @@ export function createFetchHandler(core: RelayCore, metrics: Registry): FetchHan
         case 'publish': {
           core.limits.takePublish(address);
           const topic = url.searchParams.get('topic') ?? '';
-          await authorizePublish(core, topic, credentialsFrom((name) => request.headers.get(name), url, false), undefined);
+          await authorizePublish(core, topic, credentialsFrom((name) => request.headers.get(name), url.searchParams, false), undefined);
           const body = await readBody(request, core.options.maxBodyBytes);
           await core.publish(topic, body);
           return new Response(null, { status: 204, headers: cors() });
@@ -102,7 +102,7 @@ async function events(core: RelayCore, request: Request, url: URL, headers: Reco
       sessionId: url.searchParams.get('session_id'),
       lastEventId: request.headers.get('last-event-id') ?? url.searchParams.get('last_event_id'),
       clientAddress,
-      credentials: credentialsFrom((name) => request.headers.get(name), url, true),
+      credentials: credentialsFrom((name) => request.headers.get(name), url.searchParams, true),
     },
     (session) => {
       const connection = new SseConnection(

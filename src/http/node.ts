@@ -7,6 +7,7 @@ import { RelayError, toRelayError } from '../errors.ts';
 import { retryAfterHeaders } from '../limits.ts';
 import type { RelayCore } from '../relay.ts';
 import { SseConnection, type ByteSink } from '../sse.ts';
+import { COPY_LIMIT, SocketSink, byteLength, chunkOf, ownSocket, socketStream, uncork } from './socket-stream.ts';
 import { METHODS, SSE_HEADERS, JSON_TYPE, authorizePublish, corsHeaders, endpointFor, parseUpdateBody, tooLarge } from './shared.ts';
 
 export type NodeHandler = (req: IncomingMessage, res: ServerResponse) => Promise<void>;
@@ -23,7 +24,7 @@ export interface NodeHandlers {
 /** node:http request handlers; also fit Express, Connect and Fastify's raw request/response. */
 export function createNodeHandlers(core: RelayCore, metrics: Registry): NodeHandlers {
   const cors = (req: IncomingMessage, preflight = false) => corsHeaders(req.headers.origin, core.options.cors, preflight, core.auth !== undefined);
-  const credentials = (req: IncomingMessage, url: URL, cookie: boolean) => credentialsFrom((name) => header(req, name), url, cookie);
+  const credentials = (req: IncomingMessage, url: URL, cookie: boolean) => credentialsFrom((name) => header(req, name), url.searchParams, cookie);
   const clientAddress = (req: IncomingMessage) => core.limits.clientAddress(req.socket.remoteAddress, req.headers['x-forwarded-for']);
 
   const events: NodeHandler = async (req, res) => {
@@ -31,21 +32,13 @@ export function createNodeHandlers(core: RelayCore, metrics: Registry): NodeHand
     const lastEventId = header(req, 'last-event-id') ?? url.searchParams.get('last_event_id');
     try {
       await core.openStream(
-        { topics: url.searchParams.get('topics'), sessionId: url.searchParams.get('session_id'), lastEventId, clientAddress: clientAddress(req), credentials: credentials(req, url, true) },
+        { topics: url.searchParams.get('topics'), sessionId: url.searchParams.get('session_id'), lastEventId, clientAddress: core.limits.capsStreams ? clientAddress(req) : undefined, credentials: credentials(req, url, true) },
         (session) => {
           const headers = { ...SSE_HEADERS, ...cors(req) };
+          // No TCP keep-alive: heartbeats keep the connection busy, and a busy connection never probes.
           req.socket.setNoDelay(true);
-          req.socket.setKeepAlive(true);
           const sink = takeOver(req, res, headers);
-          if (sink !== undefined) {
-            const connection = new SseConnection(sink, session.idPrefix, core.options.outbox, core.deliveries);
-            const { drained, gone } = connection.events;
-            sink.socket.on('drain', drained);
-            // on, not once: a socket closes once, and once() costs a wrapper and its state per connection.
-            sink.socket.on('close', gone);
-            if (sink.socket.destroyed) gone();
-            return connection;
-          }
+          if (sink !== undefined) return socketStream(core, session, sink);
           res.writeHead(200, headers);
           const connection = new SseConnection(responseSink(res), session.idPrefix, core.options.outbox, core.deliveries);
           const { drained, gone } = connection.events;
@@ -251,124 +244,9 @@ function takeOver(req: IncomingMessage, res: ServerResponse, headers: Record<str
   const parser = socket.parser;
   parser.finish();
   freeParser(parser, req, socket);
-  // As node:http did: a client that ends its side ends the connection; errors end in 'close'.
-  socket.on('end', endSocket);
-  socket.on('error', ignore);
-  track(socket);
-  // Reads now come to the socket rather than the parser: read (and drop) them, so that a FIN is seen.
-  socket.resume();
+  // Reads now come to the socket rather than the parser.
+  ownSocket(socket, socket.server);
   return new SocketSink(socket, res.chunkedEncoding, watched ? res : undefined);
-}
-
-function uncork(socket: Socket): void {
-  socket.uncork();
-}
-
-function endSocket(this: Socket): void {
-  this.end();
-}
-
-function ignore(): void {}
-
-/**
- * Taken-over sockets by server. node:http's closeAllConnections() knows a connection by its
- * parser, which these no longer have: each server's closeAllConnections is wrapped to destroy
- * them too (tests and shutdown deadlines rely on it). closeIdleConnections() left a streaming
- * response alone, and does so still.
- */
-const takenOver = new WeakMap<object, Set<Socket>>();
-
-function track(socket: HttpSocket): void {
-  const server = socket.server;
-  if (server === undefined) return;
-  let sockets = takenOver.get(server);
-  if (sockets === undefined) {
-    const set = (sockets = new Set());
-    takenOver.set(server, set);
-    const closeAll = server.closeAllConnections;
-    if (typeof closeAll === 'function') {
-      server.closeAllConnections = function closeAllConnections(this: unknown) {
-        closeAll.call(this);
-        for (const socket of set) socket.destroy();
-      };
-    }
-  }
-  sockets.add(socket);
-  socket.on('close', untrack);
-}
-
-function untrack(this: HttpSocket): void {
-  if (this.server !== undefined) takenOver.get(this.server)?.delete(this);
-}
-
-/**
- * A stream on a socket taken from node:http (see takeOver): each batch is framed as one
- * HTTP/1.1 chunk (RFC 9112 7.1), or sent as is to an HTTP/1.0 client (the connection's end
- * ends the body), in one socket write. Saturation and 'drain' are the socket's.
- */
-class SocketSink implements ByteSink {
-  readonly socket: Socket;
-  private readonly chunked: boolean;
-  /** The response, still on the socket, when someone else listens to it: it ends the stream. */
-  private readonly response: ServerResponse | undefined;
-
-  constructor(socket: Socket, chunked: boolean, response: ServerResponse | undefined) {
-    this.socket = socket;
-    this.chunked = chunked;
-    this.response = response;
-  }
-
-  write(chunks: Buffer[]): boolean {
-    const socket = this.socket;
-    // Gone or ending: 'close' follows.
-    if (socket.destroyed || socket.writableEnded) return false;
-    const size = byteLength(chunks);
-    // Copying is cheap only for small batches: a large body goes out uncopied, in one writev.
-    if (size <= COPY_LIMIT) return socket.write(this.chunked ? chunkOf(chunks, size) : chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks, size));
-    socket.cork();
-    if (this.chunked) socket.write(`${size.toString(16)}\r\n`, 'latin1');
-    let ok = true;
-    for (const chunk of chunks) ok = socket.write(chunk);
-    if (this.chunked) ok = socket.write(CRLF);
-    socket.uncork();
-    return ok;
-  }
-
-  end(): void {
-    const socket = this.socket;
-    if (socket.destroyed || socket.writableEnded) return;
-    // The last chunk, then the connection (the head said Connection: close), once it is all sent.
-    const close = () => socket.destroy();
-    // Its end() sends the last chunk (it kept count of nothing else: the chunks went around it).
-    if (this.response !== undefined) this.response.end(close);
-    else if (this.chunked) socket.end(LAST_CHUNK, close);
-    else socket.end(close);
-  }
-
-  destroy(): void {
-    this.socket.destroy();
-  }
-}
-
-const CRLF = Buffer.from('\r\n');
-const LAST_CHUNK = Buffer.from('0\r\n\r\n');
-/** Largest batch framed by copying; above it the per-subscriber copy would cost more than the writes it saves. */
-const COPY_LIMIT = 16 * 1024;
-
-function byteLength(chunks: Buffer[]): number {
-  let size = 0;
-  for (const chunk of chunks) size += chunk.length;
-  return size;
-}
-
-/** The chunks (`size` bytes in all) as one HTTP/1.1 chunk (RFC 9112 7.1): size in hex, CRLF, data, CRLF. */
-function chunkOf(chunks: Buffer[], size: number): Buffer {
-  const head = `${size.toString(16)}\r\n`;
-  const out = Buffer.allocUnsafe(head.length + size + 2);
-  let at = out.write(head, 0, 'latin1');
-  for (const chunk of chunks) at += chunk.copy(out, at);
-  CRLF.copy(out, at);
-  return out;
 }
 
 function header(req: IncomingMessage, name: string): string | undefined {

@@ -1,5 +1,5 @@
 import { readFileSync } from 'node:fs';
-import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import { createServer as createH2cServer, type Http2Server, type Http2Session } from 'node:http2';
 import type { AddressInfo } from 'node:net';
 import { openBroker, type Broker } from '../brokers/index.ts';
@@ -78,7 +78,10 @@ export async function startServer(config: ServerConfig, log: Logger = silentLogg
   });
   const server = listener.server;
   // A --workers process: other workers' sessions are routed to them, /metrics covers them all (cluster.ts).
-  if (isClusterWorker()) await joinCluster(relay, listener);
+  const fast = isClusterWorker() ? await joinCluster(relay, listener) : {};
+  // Streams are served before node:http (about twice the opens a second); a debug request log
+  // hears node:http's responses, so with one every request goes to node:http.
+  if (listener.scheme === 'http' && !log.isLevelEnabled('debug')) relay.serveStreamsFast(listener.server as Server, fast);
   const grpc = config.grpcPort === undefined ? undefined : createH2cServer((req, res) => void rpc(req, res));
   const h2Sessions = new Set<Http2Session>();
   grpc?.on('session', (session) => {

@@ -10,7 +10,7 @@ import type { Principal } from '../auth.ts';
 import { RelayError } from '../errors.ts';
 import { fromWire, toWire, type WireError } from '../wire-error.ts';
 import { parseEventId } from '../frames.ts';
-import type { Relay, UpdateRequest, UpdateResult } from '../index.ts';
+import type { FastStreamOptions, Relay, UpdateRequest, UpdateResult } from '../index.ts';
 import { setSessionIdPrefix } from '../session.ts';
 import type { ServerConfig } from './args.ts';
 import type { Listener, RequestListener, UpgradeListener } from './listen.ts';
@@ -253,7 +253,7 @@ let signalled = false;
  * In a cluster worker, before it listens: names this worker in new session ids, routes other
  * workers' sessions to them, answers /metrics for the whole cluster, and spreads mem:// publishes.
  */
-export async function joinCluster(relay: Relay, listener: Listener): Promise<void> {
+export async function joinCluster(relay: Relay, listener: Listener): Promise<FastStreamOptions> {
   const me = cluster.worker!.id;
   const core = relay.core;
   const paths = core.options.paths;
@@ -315,12 +315,12 @@ export async function joinCluster(relay: Relay, listener: Listener): Promise<voi
   const sockets = process.env[SOCKETS_ENV];
   const socketPath = (worker: number) => `${sockets}-${worker}.sock`;
 
+  // As the relay itself looks: the session of Last-Event-ID first, then session_id.
+  const sessionOwner = (lastEventId: string | null | undefined, sessionId: string | null) => remoteOwner(parseEventId(lastEventId)?.sessionId) ?? remoteOwner(sessionId);
   const streamOwner = (req: IncomingMessage, path: string) => {
     const url = new URL(req.url ?? '/', 'http://relay');
     if (url.pathname !== path || req.method !== 'GET') return undefined;
-    const lastEventId = header(req.headers, 'last-event-id') ?? url.searchParams.get('last_event_id');
-    // As the relay itself looks: the session of Last-Event-ID first, then session_id.
-    return remoteOwner(parseEventId(lastEventId)?.sessionId) ?? remoteOwner(url.searchParams.get('session_id'));
+    return sessionOwner(header(req.headers, 'last-event-id') ?? url.searchParams.get('last_event_id'), url.searchParams.get('session_id'));
   };
   const handOff = (req: IncomingMessage, socket: Socket, head: Buffer, to: number) => {
     socket.pause();
@@ -408,6 +408,14 @@ export async function joinCluster(relay: Relay, listener: Listener): Promise<voi
   }
 
   server.once('listening', () => send(process, { livepipe: 'serving', port: (server.address() as AddressInfo).port }));
+  // For streams served before node:http (fast-streams.ts): the same worker header, and other workers' sessions left to the routing above.
+  return {
+    headers: { [WORKER_HEADER]: String(me) },
+    decline: (head) => {
+      const query = new URLSearchParams(head.query);
+      return sessionOwner(head.headers['last-event-id'] ?? query.get('last_event_id'), query.get('session_id')) !== undefined;
+    },
+  };
 }
 
 /**

@@ -12,9 +12,11 @@ export interface RunningRelay {
   close(): Promise<void>;
 }
 
-export async function startRelay(options: Partial<RelayOptions> = {}): Promise<RunningRelay> {
+/** A relay on node:http; `fast` serves its streams before node:http (relay.serveStreamsFast). */
+export async function startRelay(options: Partial<RelayOptions> = {}, { fast = false }: { fast?: boolean } = {}): Promise<RunningRelay> {
   const relay = await createRelay({ broker: `mem://test-${process.pid}-${Math.random()}`, ...options });
   const server = createServer((req, res) => void relay.handler(req, res));
+  if (fast && !relay.serveStreamsFast(server)) throw new Error('serveStreamsFast refused a plain node:http server');
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
   const { port } = server.address() as AddressInfo;
   return {

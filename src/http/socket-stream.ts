@@ -1,0 +1,155 @@
+import type { ServerResponse } from 'node:http';
+import type { Socket } from 'node:net';
+import type { RelayCore } from '../relay.ts';
+import type { Session } from '../session.ts';
+import { SseConnection, type ByteSink } from '../sse.ts';
+
+/**
+ * An SSE stream that owns its TCP socket: no node:http request, response or parser lives as
+ * long as the stream (bench/README.md, W2 and W4). Shared by the node:http takeover (node.ts)
+ * and the streams served before node:http (fast-streams.ts).
+ */
+
+/** What closeAllConnections() is on: a node:http server. */
+interface ConnectionsOwner {
+  closeAllConnections?: () => void;
+}
+
+/**
+ * Makes the socket the stream's: a client that ends its side ends the connection (as node:http
+ * did), errors end in 'close', the server's closeAllConnections() reaches it, and reads go on
+ * (dropped) so that a FIN is seen.
+ */
+export function ownSocket(socket: Socket, server: ConnectionsOwner | null | undefined): void {
+  socket.on('end', endSocket);
+  socket.on('error', ignore);
+  if (server != null) track(socket, server);
+  socket.resume();
+}
+
+/** The SSE connection of a session on its own socket, chunked (HTTP/1.1) or not (HTTP/1.0). */
+export function socketStream(core: RelayCore, session: Session, sink: SocketSink): SseConnection {
+  const connection = new SseConnection(sink, session.idPrefix, core.options.outbox, core.deliveries);
+  const { drained, gone } = connection.events;
+  sink.socket.on('drain', drained);
+  // on, not once: a socket closes once, and once() costs a wrapper and its state per connection.
+  sink.socket.on('close', gone);
+  if (sink.socket.destroyed) gone();
+  return connection;
+}
+
+export function uncork(socket: Socket): void {
+  socket.uncork();
+}
+
+function endSocket(this: Socket): void {
+  this.end();
+}
+
+export function ignore(): void {}
+
+/**
+ * Taken-over sockets by server. node:http's closeAllConnections() knows a connection by its
+ * parser, which these no longer have: each server's closeAllConnections is wrapped to destroy
+ * them too (tests and shutdown deadlines rely on it). closeIdleConnections() left a streaming
+ * response alone, and does so still.
+ */
+const takenOver = new WeakMap<object, Set<Socket>>();
+
+function track(socket: Socket, server: ConnectionsOwner): void {
+  let sockets = takenOver.get(server);
+  if (sockets === undefined) {
+    const set = (sockets = new Set());
+    takenOver.set(server, set);
+    const closeAll = server.closeAllConnections;
+    if (typeof closeAll === 'function') {
+      server.closeAllConnections = function closeAllConnections(this: unknown) {
+        closeAll.call(this);
+        for (const socket of set) socket.destroy();
+      };
+    }
+  }
+  sockets.add(socket);
+  // Kept on the socket: one passed from another process has no `server` to find its set by, and a closure per stream would cost more.
+  (socket as TrackedSocket)[TRACKED_IN] = sockets;
+  socket.on('close', untrack);
+}
+
+const TRACKED_IN = Symbol('livepipe.trackedIn');
+interface TrackedSocket extends Socket {
+  [TRACKED_IN]?: Set<Socket>;
+}
+
+function untrack(this: TrackedSocket): void {
+  this[TRACKED_IN]?.delete(this);
+}
+
+/**
+ * A stream on a socket of its own (taken from node:http by node.ts, or served before it by fast-streams.ts): each batch is framed as one
+ * HTTP/1.1 chunk (RFC 9112 7.1), or sent as is to an HTTP/1.0 client (the connection's end
+ * ends the body), in one socket write. Saturation and 'drain' are the socket's.
+ */
+export class SocketSink implements ByteSink {
+  readonly socket: Socket;
+  private readonly chunked: boolean;
+  /** The response, still on the socket, when someone else listens to it: it ends the stream. */
+  private readonly response: ServerResponse | undefined;
+
+  constructor(socket: Socket, chunked: boolean, response: ServerResponse | undefined) {
+    this.socket = socket;
+    this.chunked = chunked;
+    this.response = response;
+  }
+
+  write(chunks: Buffer[]): boolean {
+    const socket = this.socket;
+    // Gone or ending: 'close' follows.
+    if (socket.destroyed || socket.writableEnded) return false;
+    const size = byteLength(chunks);
+    // Copying is cheap only for small batches: a large body goes out uncopied, in one writev.
+    if (size <= COPY_LIMIT) return socket.write(this.chunked ? chunkOf(chunks, size) : chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks, size));
+    socket.cork();
+    if (this.chunked) socket.write(`${size.toString(16)}\r\n`, 'latin1');
+    let ok = true;
+    for (const chunk of chunks) ok = socket.write(chunk);
+    if (this.chunked) ok = socket.write(CRLF);
+    socket.uncork();
+    return ok;
+  }
+
+  end(): void {
+    const socket = this.socket;
+    if (socket.destroyed || socket.writableEnded) return;
+    // The last chunk, then the connection (the head said Connection: close), once it is all sent.
+    const close = () => socket.destroy();
+    // Its end() sends the last chunk (it kept count of nothing else: the chunks went around it).
+    if (this.response !== undefined) this.response.end(close);
+    else if (this.chunked) socket.end(LAST_CHUNK, close);
+    else socket.end(close);
+  }
+
+  destroy(): void {
+    this.socket.destroy();
+  }
+}
+
+const CRLF = Buffer.from('\r\n');
+const LAST_CHUNK = Buffer.from('0\r\n\r\n');
+/** Largest batch framed by copying; above it the per-subscriber copy would cost more than the writes it saves. */
+export const COPY_LIMIT = 16 * 1024;
+
+export function byteLength(chunks: Buffer[]): number {
+  let size = 0;
+  for (const chunk of chunks) size += chunk.length;
+  return size;
+}
+
+/** The chunks (`size` bytes in all) as one HTTP/1.1 chunk (RFC 9112 7.1): size in hex, CRLF, data, CRLF. */
+export function chunkOf(chunks: Buffer[], size: number): Buffer {
+  const head = `${size.toString(16)}\r\n`;
+  const out = Buffer.allocUnsafe(head.length + size + 2);
+  let at = out.write(head, 0, 'latin1');
+  for (const chunk of chunks) at += chunk.copy(out, at);
+  CRLF.copy(out, at);
+  return out;
+}
