@@ -6,6 +6,11 @@ import { HEARTBEAT_FRAME, configFrame, errorFrame, type RelayMessage } from './f
 export interface ByteSink {
   /** Writes the chunks in order; false when the reader is saturated (then `drained` follows). */
   write(chunks: Buffer[]): boolean;
+  /**
+   * Optional: writes one event, `prefix` then `tail`, as `write([prefix, tail])` would. The
+   * common batch (one message per socket per turn) then allocates no array on the fan-out path.
+   */
+  writeEvent?(prefix: Buffer, tail: Buffer): boolean;
   /** Ends the stream cleanly. */
   end(): void;
   /** Tears the stream down at once, discarding what is buffered. */
@@ -44,6 +49,10 @@ export class SseConnection extends QueuedConnection {
   }
 
   protected writeBatch(items: (RelayMessage | RelayError)[], lost: number): boolean {
+    if (lost === 0 && items.length === 1 && this.sink.writeEvent !== undefined) {
+      const item = items[0]!;
+      if (!(item instanceof RelayError)) return this.sink.writeEvent(this.idPrefix, item.sseTail);
+    }
     const chunks: Buffer[] = [];
     if (lost > 0) chunks.push(errorFrame(eventsLostError(lost)));
     for (const item of items) {
