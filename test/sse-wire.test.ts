@@ -5,6 +5,7 @@
  */
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
+import type { Socket } from 'node:net';
 import { RawClient, dechunk } from './support/raw-client.ts';
 import { startRelay, SseReader } from './support/relay.ts';
 
@@ -77,6 +78,46 @@ for (const fast of [false, true]) {
         await halfClosed.until(() => halfClosed.closed, 'the relay to close the half-closed connection');
         await eventually(() => (r.relay.stats().connections.sse ?? 0) === 0, 'the relay to notice the half-closed one');
         assert.equal(r.relay.stats().sessions, 2, 'both sessions wait for a resume');
+      } finally {
+        await r.close();
+      }
+    });
+
+    it('a reader whose socket fills gets every frame intact: small frames are framed in a shared slab, never reused while a write holds it', { timeout: 60_000 }, async () => {
+      const r = await startRelay({ outbox: { maxMessages: 100_000, maxBytes: 64 * 1024 * 1024 } }, { fast });
+      // 1 KiB bodies, each telling its index, so that any overwritten byte shows.
+      const payload = (i: number) => `${i}:${String.fromCharCode(97 + (i % 26)).repeat(1000)}`;
+      try {
+        const sockets: Socket[] = [];
+        r.server.on('connection', (socket: Socket) => sockets.push(socket));
+        // The slow reader first: in each flush its write comes before the fast reader's, which would overwrite a slab it still held.
+        const slow = await SseReader.open(`${r.base}/events?topics=a`);
+        await slow.until(() => slow.events.length >= 1, 5000, 'config');
+        slow.response.pause();
+        const fastReader = await SseReader.open(`${r.base}/events?topics=a`);
+        await fastReader.until(() => fastReader.events.length >= 1, 5000, 'config');
+        // 40 MB: more than the paused reader's kernel buffers take, so some write to it is taken only in part.
+        const total = 40_000;
+        let held = 0;
+        for (let i = 0; i < total; i += 200) {
+          // One message per event-loop turn, so that each is a small frame of its own (a turn's messages leave as one batch).
+          for (let j = i; j < i + 200; j++) {
+            await r.relay.publish('a', payload(j));
+            await new Promise((resolve) => setImmediate(resolve));
+          }
+          await fastReader.until(() => fastReader.messages().length >= i + 200, 10_000, `the fast reader to get message ${i + 199}`);
+          held = Math.max(held, sockets[0]!.writableLength);
+        }
+        assert.ok(held > 0, "the slow reader's socket filled");
+        slow.response.resume();
+        await slow.until(() => slow.messages().length >= total, 30_000, 'the slow reader to catch up');
+        assert.equal(slow.errors().length, 0, 'nothing dropped: the outbox holds it all');
+        assert.deepEqual(
+          slow.messages().map((m, i) => m.json.payload === payload(i)),
+          Array.from({ length: total }, () => true),
+        );
+        slow.close();
+        fastReader.close();
       } finally {
         await r.close();
       }
