@@ -57,12 +57,13 @@ export function serveStreamsFast(server: Server, core: RelayCore, options: FastS
       else serve(core, server, socket, head, options.headers);
     });
   });
-  // A connection that sends nothing is cut after node:http's headersTimeout, as node:http cuts one that never finishes its head.
+  // A connection that sends nothing is cut after node:http's headersTimeout, as node:http cuts
+  // one that never finishes its head; one that ended its side without a byte, at the next sweep.
   const sweep = setInterval(() => {
     const since = Date.now() - server.headersTimeout;
     for (const [socket, at] of waiting) {
       if (socket.destroyed) waiting.delete(socket);
-      else if (at <= since) socket.destroy();
+      else if (at <= since || socket.readableEnded) socket.destroy();
     }
   }, 1000);
   sweep.unref();
