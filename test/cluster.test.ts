@@ -213,6 +213,9 @@ describe('livepipe --workers 2', () => {
     // The primary hands new connections to the workers in turn: of four, two reach the other
     // worker, which leaves the request to node:http, and that hands it to the owner.
     for (let i = 0; i < 4; i++) {
+      // The stream has everything published so far (earlier tests' messages too) before it drops.
+      await call(base, 'POST', '/publish?topic=all', `before ${i}`);
+      await current.until(() => current.messages().some((m) => m.payload === `before ${i}`), `before ${i}`);
       const lastEventId = current.lastId!;
       current.close();
       await call(base, 'POST', '/publish?topic=all', `gap ${i}`);
