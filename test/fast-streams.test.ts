@@ -163,6 +163,12 @@ describe('relay.serveStreamsFast', () => {
   it('cuts a connection that sends nothing once headersTimeout passes, closes one that ends without a byte, and shrugs off a client that resets before sending', async () => {
     const r = await startRelay({}, { fast: true });
     try {
+      // server.closeAllConnections() cuts one that has sent nothing, as node:http's does.
+      const accepted = new Promise<void>((resolve) => r.server.once('connection', () => resolve()));
+      const cut = await RawClient.open(r, '');
+      await accepted;
+      r.server.closeAllConnections();
+      await cut.until(() => cut.closed, 'closeAllConnections to cut the connection that sent nothing');
       // node's default headersTimeout is a minute: only the end itself can close this one in time.
       const ended = await RawClient.open(r, '');
       ended.socket.end();
@@ -198,18 +204,23 @@ describe('relay.serveStreamsFast', () => {
     }
   });
 
-  it('a shutdown that closes the server ends its streams and stops its sweep', async () => {
+  it('a shutdown that closes the server ends its streams, closes connections that sent nothing yet, and stops its sweep', async () => {
     const r = await startRelay({}, { fast: true });
     const waiter = new Waiter();
     const s = await SseReader.open(`${r.base}/events?topics=a`);
     await s.until(() => s.events.length >= 1, 5000, 'config');
+    // Connected, nothing sent: node:http would close it as idle; the default headersTimeout is a minute.
+    const silent = await RawClient.open(r, '');
     let closed = false;
     r.server.once('close', () => {
       closed = true;
       waiter.wake();
     });
-    await r.close();
+    // Not awaited first: it resolves only once the server has closed, which is what is watched.
+    const closing = r.close();
     await waiter.until(() => closed, 5000, () => new Error('the server did not close: a timer or socket held it'));
+    await closing;
     await s.until(() => s.ended, 5000, 'the stream to end');
+    await silent.until(() => silent.closed, 'the silent connection to be closed');
   });
 });

@@ -58,16 +58,23 @@ export function serveStreamsFast(server: Server, core: RelayCore, options: FastS
     });
   });
   // A connection that sends nothing is cut after node:http's headersTimeout, as node:http cuts
-  // one that never finishes its head; one that ended its side without a byte, at the next sweep.
+  // one that never finishes its head; one that ended its side without a byte, or that a closing
+  // server holds (node:http closes its idle connections on close()), at the next sweep.
   const sweep = setInterval(() => {
     const since = Date.now() - server.headersTimeout;
     for (const [socket, at] of waiting) {
       if (socket.destroyed) waiting.delete(socket);
-      else if (at <= since || socket.readableEnded) socket.destroy();
+      else if (at <= since || socket.readableEnded || !server.listening) socket.destroy();
     }
   }, 1000);
   sweep.unref();
   server.once('close', () => clearInterval(sweep));
+  // As node:http's own closeAllConnections() cuts a connection that has not sent a request yet.
+  const closeAll = server.closeAllConnections;
+  server.closeAllConnections = function closeAllConnections(this: Server) {
+    closeAll.call(this);
+    for (const socket of waiting.keys()) socket.destroy();
+  };
   return true;
 }
 
