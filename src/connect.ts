@@ -185,7 +185,7 @@ function errorEvent(error: RelayError): EventInit {
 const NODE_REQUEST = createContextKey<NodeRequest | undefined>(undefined, { description: 'livepipe node request' });
 
 function clientAddressOf(core: RelayCore, req: NodeRequest | undefined): string | undefined {
-  return req === undefined ? undefined : core.limits.clientAddress(req.socket?.remoteAddress, req.headers['x-forwarded-for']);
+  return core.limits.streamAddress(req?.socket, req?.headers['x-forwarded-for']);
 }
 
 /** A call's bearer: the Authorization header, the access_token query parameter (Connect GET) or cookie (browsers' gRPC-Web). */

@@ -89,9 +89,14 @@ export class Limits {
     return remoteAddress ? ipOf(remoteAddress) ?? remoteAddress : undefined;
   }
 
-  /** True when streams are counted by client address; else a stream's address need not be looked up (getpeername, a syscall per stream). */
-  get capsStreams(): boolean {
-    return this.options.maxConnectionsPerIp !== undefined;
+  /**
+   * The address a new stream counts against (see clientAddress), or undefined when streams are
+   * not capped per address: the socket's address is then never asked for (getpeername, a
+   * syscall per stream).
+   */
+  streamAddress(socket: { readonly remoteAddress?: string | undefined } | null | undefined, forwardedFor: string | string[] | undefined | null): string | undefined {
+    if (this.options.maxConnectionsPerIp === undefined || socket == null) return undefined;
+    return this.clientAddress(socket.remoteAddress, forwardedFor);
   }
 
   /**

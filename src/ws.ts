@@ -245,7 +245,7 @@ export function createWsTransport(core: RelayCore): { handleUpgrade: UpgradeHand
       refuse(socket, new RelayError('forbidden', `WebSocket connections from origin ${req.headers.origin} are not allowed (see the cors option)`));
       return true;
     }
-    const clientAddress = core.limits.clientAddress(req.socket.remoteAddress, req.headers['x-forwarded-for']);
+    const clientAddress = core.limits.streamAddress(req.socket, req.headers['x-forwarded-for']);
     // The cookie counts: originAllowed above keeps other sites' pages from using a visitor's cookie.
     const credentials = credentialsFrom((name) => req.headers[name] as string | undefined, url.searchParams, true);
     wss.handleUpgrade(req, socket, head, (ws) => serve(ws, socket, url, clientAddress, credentials));

@@ -90,7 +90,7 @@ function serve(core: RelayCore, server: Server, socket: Socket, head: StreamHead
         topics: query.get('topics'),
         sessionId: query.get('session_id'),
         lastEventId: headers['last-event-id'] ?? query.get('last_event_id'),
-        clientAddress: core.limits.capsStreams ? core.limits.clientAddress(socket.remoteAddress, headers['x-forwarded-for']) : undefined,
+        clientAddress: core.limits.streamAddress(socket, headers['x-forwarded-for']),
         credentials: credentialsFrom((name) => headers[name], query, true),
       },
       (session) => {

@@ -32,7 +32,7 @@ export function createNodeHandlers(core: RelayCore, metrics: Registry): NodeHand
     const lastEventId = header(req, 'last-event-id') ?? url.searchParams.get('last_event_id');
     try {
       await core.openStream(
-        { topics: url.searchParams.get('topics'), sessionId: url.searchParams.get('session_id'), lastEventId, clientAddress: core.limits.capsStreams ? clientAddress(req) : undefined, credentials: credentials(req, url, true) },
+        { topics: url.searchParams.get('topics'), sessionId: url.searchParams.get('session_id'), lastEventId, clientAddress: core.limits.streamAddress(req.socket, req.headers['x-forwarded-for']), credentials: credentials(req, url, true) },
         (session) => {
           const headers = { ...SSE_HEADERS, ...cors(req) };
           // No TCP keep-alive: heartbeats keep the connection busy, and a busy connection never probes.

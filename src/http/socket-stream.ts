@@ -214,9 +214,9 @@ function chunkBytes(size: number): number {
   return hexDigits(size) + size + 4;
 }
 
-/** Writes a chunk's size line (hex digits, CRLF) at the start of `out`, without making a string; returns where the data goes. */
+/** Writes a chunk's size line (hex digits, CRLF) at the start of `out` (chunkBytes(size) long), without making a string; returns where the data goes. */
 function chunkHead(out: Buffer, size: number): number {
-  const digits = hexDigits(size);
+  const digits = out.length - size - 4;
   for (let i = digits - 1, n = size; i >= 0; i--, n = Math.floor(n / 16)) out[i] = HEX[n % 16]!;
   out[digits] = CR;
   out[digits + 1] = LF;
