@@ -14,6 +14,12 @@ bench_checks() {
   ulimit -n "$(ulimit -Hn)"
 }
 
+# A port free on 127.0.0.1 now (the kernel's pick), for a server about to be started there.
+free_port() { "$NODE" -e "const s=require('node:net').createServer().listen(0,'127.0.0.1',()=>{console.log(s.address().port);s.close()})"; }
+
+# steps_for N: the W1 ladder for N subscribers, in msg/s: 12,500 deliveries/s doubled six times.
+steps_for() { "$NODE" -e "console.log(Array.from({length: 7}, (_, k) => +(12500 * 2 ** k / $1).toPrecision(3)).join(','))"; }
+
 build_loadgen() {
   (cd "$ROOT/bench/loadgen" && GOTOOLCHAIN=local go build -o "$OUT/loadgen" .)
 }

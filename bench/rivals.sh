@@ -60,7 +60,6 @@ log "building the loadgen and livepipe"
 build_loadgen
 npm run --silent build >"$OUT/build.log" 2>&1 || printf 'rivals: npm run build reported errors (see %s); trying the emitted code anyway\n' "$OUT/build.log" >&2
 
-free_port() { "$NODE" -e "const s=require('node:net').createServer().listen(0,'0.0.0.0',()=>{console.log(s.address().port);s.close()})"; }
 descendants() { # pid: the pid and all its descendants
   local p=$1 c
   echo "$p"
@@ -297,8 +296,6 @@ idle_split() { # server, workload label, total streams
   ' "$server" "$label" "${#SERVER_PIDS[@]}" "$before" "$after" "$established" $(for ((k = 0; k < IDLE_PROCS; k++)); do echo "$OUT/$server-$label-$k.json"; done) | tee -a "$OUT/results.jsonl" >&2
 }
 
-# Deliveries/s of the W1 steps, whatever the number of subscribers: 12.5k, 25k … 800k.
-steps_for() { "$NODE" -e "console.log(Array.from({length: 7}, (_, k) => +(12500 * 2 ** k / $1).toPrecision(3)).join(','))"; }
 # Phases other processes disturbed (> 0.3 core) are run once more, within 20 s per run.
 REPEAT=(-other-limit 0.3 -repeats 1 -repeat-budget 20s)
 

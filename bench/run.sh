@@ -73,7 +73,6 @@ if awk "BEGIN {exit !($LOAD1 > 0.5)}"; then
   printf 'bench: the machine is busy (1-minute load %s): latency figures will be noisy\n' "$LOAD1" >&2
 fi
 
-free_port() { "$NODE" -e "const s=require('node:net').createServer().listen(0,'127.0.0.1',()=>{console.log(s.address().port);s.close()})"; }
 
 start_server() { # label
   PORT=$(free_port)

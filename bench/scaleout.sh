@@ -70,7 +70,6 @@ for try in 1 2 3; do
   sleep 5
 done
 
-free_port() { "$NODE" -e "const s=require('node:net').createServer().listen(0,'127.0.0.1',()=>{console.log(s.address().port);s.close()})"; }
 wait_http() { # url, what
   for _ in $(seq 100); do
     curl -sf -m 1 -o /dev/null "$1" 2>/dev/null && return 0
@@ -189,7 +188,6 @@ printf 'publish: true\n' >"$OUT/fanout.yaml"
 # ---- (a) fan-out: W1's plan (bench/rivals.sh) with the subscribers spread over the nodes and
 # the publishes round-robin over them. The node counts of one size run back to back, so that
 # they are compared under the same conditions.
-steps_for() { "$NODE" -e "console.log(Array.from({length: 7}, (_, k) => +(12500 * 2 ** k / $1).toPrecision(3)).join(','))"; }
 for n in $SUBSCRIBERS; do
   for k in $NODE_COUNTS; do
     label=fanout-$n-$k
